@@ -1,0 +1,64 @@
+"""The ``triton-rnn`` command line.
+
+Each subcommand lives in its own module under :mod:`triton_rnn.cli` and exposes
+``add_parser(subparsers)``, which registers it and sets ``func`` on its parser.
+Modules are imported lazily by :data:`SUBCOMMANDS` so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+
+#: subcommand name -> module that implements it.
+SUBCOMMANDS = {
+    "demo": "triton_rnn.cli.demo",
+    "train": "triton_rnn.cli.train",
+    "translate": "triton_rnn.cli.translate",
+    "inspect": "triton_rnn.cli.inspect",
+    "tune": "triton_rnn.cli.tune",
+    "cache": "triton_rnn.cli.cache",
+    "bench": "triton_rnn.cli.bench",
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triton-rnn",
+        description="Persistent Triton kernels for LSTM, GRU and RNN: tools.")
+    parser.add_argument("--version", action="version", version=f"triton-rnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in SUBCOMMANDS.items():
+        if importlib.util.find_spec(modname) is None:
+            continue
+        importlib.import_module(modname).add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        rc = args.func(args)
+    except CLIError as e:
+        print(f"triton-rnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
