@@ -1,0 +1,241 @@
+"""Static kernel report: compile for a CUDA target without a GPU and read the result.
+
+Triton compiles to PTX and cubin on any machine; the ``cuobjdump`` shipped in
+the triton wheel reads registers, shared and local (spill) memory and SASS.
+:func:`static_report` returns, for one kernel and tile config:
+
+* ``registers``, ``shared_bytes``, ``local_bytes`` (> 0 means spills);
+* ``weights_loaded_in_loop``: whether any global load inside a PTX loop reads
+  an address derived from the ``W_hh`` argument (it must be False: the weights
+  are loaded once, before the time loop);
+* ``tensor_cores``: whether the SASS has ``HMMA``/``HGMMA`` instructions;
+* ``grid``, ``blocks_per_sm``, ``max_programs``, ``co_resident``: the
+  occupancy estimate that bounds a barrier-synchronised grid.
+
+Under ``TRITON_INTERPRET=1`` the kernels are interpreted functions that cannot
+be compiled, so the report is computed in a subprocess without that variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+#: Per-architecture limits used for the occupancy estimate.
+ARCH_LIMITS = {
+    80: dict(num_sms=108, regs_per_sm=65536, smem_per_sm=167936, max_smem_block=166912,
+             threads_per_sm=2048),
+    89: dict(num_sms=128, regs_per_sm=65536, smem_per_sm=102400, max_smem_block=101376,
+             threads_per_sm=1536),
+    90: dict(num_sms=132, regs_per_sm=65536, smem_per_sm=233472, max_smem_block=232448,
+             threads_per_sm=2048),
+}
+
+_TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in the triton wheel ({path})")
+    return path
+
+
+def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int):
+    from .cells import CELL_SPECS
+    from .launch import MIN_DOT
+
+    import triton
+
+    spec = CELL_SPECS[cell]
+    st = "*" + _TRITON_TYPES[dtype]
+    hp = max(MIN_DOT, triton.next_power_of_2(hidden))
+    block_h = max(MIN_DOT, min(config.block_h, hp))
+    block_b = max(MIN_DOT, config.block_b)
+    split = triton.cdiv(hidden, block_h) > 1
+    if pass_ == "forward":
+        ptrs = dict(XG=st, W=st, BHN=st, H0=st, C0=st, OUT=st, HST="*fp32", CSEQ="*fp32",
+                    SAVED="*fp32", BATCH_SIZES="*i32", BAR="*i32")
+        consts = dict(CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
+                      HAS_C=spec.has_c, HAS_BHN=spec.separate_bhn)
+    else:
+        ptrs = dict(DOUT=st, DHN=st, DCN=st, W=st, OUT=st, H0=st, C0=st, CSEQ="*fp32",
+                    SAVED="*fp32", DGH=st, DXN=st, DHST="*fp32", DCST="*fp32",
+                    BATCH_SIZES="*i32", BAR="*i32")
+        consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
+                      HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad)
+    consts.update(HP=hp, BLOCK_H=block_h, BLOCK_B=block_b, REVERSE=False, VARLEN=False,
+                  USE_BARRIER=split, DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
+    sig = dict(ptrs)
+    sig.update(T="i32", B="i32", H="i32", t_begin="i32", n_steps="i32")
+    sig.update({k: "constexpr" for k in consts})
+    assert list(sig) == kernel.arg_names, (list(sig), kernel.arg_names)
+    # As at run time: pointers 16-byte aligned, H specialised when divisible by 16.
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in ptrs}
+    if hidden % 16 == 0:
+        attrs[(kernel.arg_names.index("H"),)] = [["tt.divisibility", 16]]
+    grid_h = triton.cdiv(hidden, block_h)
+    return sig, consts, attrs, grid_h, block_h, block_b
+
+
+def _weights_loaded_in_loop(ptx: str, w_param_index: int) -> bool:
+    """True if a global load inside a loop reads an address derived from param ``w_param_index``."""
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    tainted: set = set()
+    param_re = re.compile(rf"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_{w_param_index}\]")
+    reg_re = re.compile(r"%[A-Za-z_]+\d*")
+    labels = {}
+    for i, ln in enumerate(lines):
+        m = re.match(r"^(\$\w+):", ln)
+        if m:
+            labels[m.group(1)] = i
+    loops = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$\w+);", ln)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            loops.append((labels[m.group(1)], i))
+    # Taint propagation to a fixed point (loops carry values through movs).
+    changed = True
+    while changed:
+        changed = False
+        for ln in lines:
+            m = param_re.search(ln)
+            if m and m.group(1) not in tainted:
+                tainted.add(m.group(1))
+                changed = True
+                continue
+            body = re.sub(r"^@!?%\w+\s+", "", ln)
+            if not body or body.startswith(("st.", "bra", "//", "$", ".", "ret", "bar.")):
+                continue
+            regs = reg_re.findall(body)
+            if len(regs) < 2:
+                continue
+            dst, srcs = regs[0], regs[1:]
+            if dst not in tainted and any(r in tainted for r in srcs):
+                tainted.add(dst)
+                changed = True
+    for start, end in loops:
+        for ln in lines[start:end + 1]:
+            body = re.sub(r"^@!?%\w+\s+", "", ln)
+            if body.startswith(("ld.global", "cp.async")) and "shared" not in body.split()[0][:9]:
+                addr = re.findall(r"\[([^\]]+)\]", body)
+                if body.startswith("cp.async"):
+                    addr = addr[1:]
+                if any(r in tainted for a in addr for r in reg_re.findall(a)):
+                    return True
+    return False
+
+
+def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch: int = 90):
+    """Compile one kernel for ``sm_{arch}`` on the CPU; returns ``(compiled, info)``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .recurrent import rnn_backward_kernel, rnn_forward_kernel
+
+    kernel = rnn_forward_kernel if pass_ == "forward" else rnn_backward_kernel
+    sig, consts, attrs, grid_h, block_h, block_b = _signature(kernel, cell, pass_, dtype,
+                                                              hidden, config, arch)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": config.num_warps,
+                                       "num_stages": config.num_stages})
+    return compiled, dict(grid_h=grid_h, block_h=block_h, block_b=block_b,
+                          w_index=kernel.arg_names.index("W"))
+
+
+def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
+    import triton
+
+    from .launch import default_config
+
+    if config is None:
+        config = default_config(cell, pass_, dtype, hidden, batch, ARCH_LIMITS[arch]["num_sms"])
+    compiled, info = compile_kernel(cell, pass_, dtype, hidden, config, arch)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    regs, stack, static_shared, local = (int(g) for g in m.groups())
+    shared = max(int(compiled.metadata.shared), static_shared)
+    lim = ARCH_LIMITS.get(arch, ARCH_LIMITS[90])
+    threads = 32 * config.num_warps
+    regs_per_warp = ((regs * 32 + 255) // 256) * 256
+    per_sm = min(lim["regs_per_sm"] // max(regs_per_warp * config.num_warps, 1),
+                 lim["threads_per_sm"] // threads,
+                 lim["smem_per_sm"] // (shared + 1024) if shared else 32, 32)
+    if shared > lim["max_smem_block"]:
+        per_sm = 0
+    max_programs = per_sm * lim["num_sms"]
+    batch_tiles = triton.cdiv(max(batch, 1), info["block_b"])
+    # A split hidden dimension needs all its blocks resident (grid barrier); batch
+    # tiles beyond what fits are looped over inside the programs.
+    grid_b = batch_tiles if info["grid_h"] == 1 else max(1, min(batch_tiles,
+                                                               max_programs // info["grid_h"]))
+    return dict(
+        cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, batch=batch, arch=f"sm_{arch}",
+        config=config.to_dict(), registers=regs, stack_bytes=stack, shared_bytes=shared,
+        local_bytes=local, spills=local > 0 or stack > 0, num_warps=config.num_warps,
+        grid=[grid_b, info["grid_h"]], programs=grid_b * info["grid_h"],
+        persistent_barrier=info["grid_h"] > 1, blocks_per_sm=per_sm,
+        max_programs=max_programs, num_sms=lim["num_sms"],
+        max_shared_bytes=lim["max_smem_block"],
+        co_resident=info["grid_h"] <= max_programs,
+        weights_loaded_in_loop=_weights_loaded_in_loop(compiled.asm["ptx"], info["w_index"]),
+        tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
+        local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)),
+    )
+
+
+def static_report(cell: str, pass_: str, dtype: str, hidden: int, batch: int,
+                  config=None, arch: int = 90) -> dict:
+    """Compile one kernel for ``sm_{arch}`` without a GPU and report its resources (see module doc)."""
+    from .config import KernelConfig
+
+    if isinstance(config, dict):
+        config = KernelConfig.from_dict(config)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return _report_in_process(cell, pass_, dtype, hidden, batch, config, arch)
+    return static_reports([dict(cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, batch=batch,
+                                config=config.to_dict() if config else None, arch=arch)])[0]
+
+
+def static_reports(requests: list) -> list:
+    """Several reports in one subprocess without ``TRITON_INTERPRET`` (one import of triton)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "triton_rnn.kernels.inspect"],
+                          input=json.dumps(requests), capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"static compile failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
+def _main() -> None:
+    from .config import KernelConfig
+
+    out = []
+    for r in json.loads(sys.stdin.read()):
+        cfg = KernelConfig.from_dict(r["config"]) if r.get("config") else None
+        try:
+            out.append(_report_in_process(r["cell"], r["pass_"], r["dtype"], r["hidden"],
+                                          r["batch"], cfg, r.get("arch", 90)))
+        except Exception as e:  # reported per request, e.g. a config the compiler rejects
+            out.append(dict(r, error=f"{type(e).__name__}: {e}".splitlines()[0][:500]))
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,273 @@
+"""Host-side launchers for the recurrent kernels: configs, grids, persistence.
+
+Modes (``mode=`` in ``kernel_options``):
+
+* ``"persistent"`` (the default, ``"auto"``): one launch for all timesteps. With
+  one hidden block per program no barrier is needed. With the hidden dimension
+  split, the grid is launched cooperatively and bounded by SM count times
+  occupancy so that the grid barrier cannot deadlock. When that bound cannot
+  hold, the launcher warns once and falls back to stepwise mode.
+* ``"stepwise"``: one launch per timestep of the same kernel; the launch
+  boundary is the barrier. Always used under Triton's interpreter when the
+  hidden dimension is split (programs run one after another there).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .cells import CELL_SPECS, CellSpec
+from .config import KernelConfig
+from .recurrent import rnn_backward_kernel, rnn_forward_kernel
+
+__all__ = [
+    "MODES",
+    "interpreting",
+    "default_config",
+    "select_config",
+    "forward",
+    "backward",
+    "dtype_name",
+]
+
+MODES = ("auto", "persistent", "stepwise")
+
+#: Minimum tile edge of ``tl.dot`` on a GPU.
+MIN_DOT = 16
+#: Weight bytes a program may keep on-chip in the default configs (sm_90 opts
+#: into ~227 KB of shared memory per block; the rest is left for the h tile).
+ONCHIP_WEIGHT_BUDGET = 144 * 1024
+#: Up to this many weight bytes, one program holds all of W_hh (no barrier).
+SINGLE_PROGRAM_BUDGET = 64 * 1024
+
+_warned: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is active (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _padded_k(hidden: int) -> int:
+    k = triton.next_power_of_2(hidden)
+    return k if interpreting() else max(MIN_DOT, k)
+
+
+def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
+                   num_sms: int = 132) -> KernelConfig:
+    """The heuristic tile config used when nothing is tuned.
+
+    Rule: if all of ``W_hh`` fits in :data:`SINGLE_PROGRAM_BUDGET`, one program
+    per batch tile holds it (``block_h`` = padded hidden, no barrier). Otherwise
+    ``block_h`` is the largest power of two >= 16 whose weight slice
+    (``gates * padded_hidden * block_h * itemsize``) fits in
+    :data:`ONCHIP_WEIGHT_BUDGET`. ``block_b`` is 16 (32 for small single-program
+    tiles and batches over 16); 8 warps when the slice exceeds 64 KB, else 4.
+    ``pass_`` is accepted for symmetry: both passes hold the same slice size.
+    """
+    spec = CELL_SPECS[cell]
+    itemsize = torch.empty((), dtype=_as_dtype(dtype)).element_size()
+    hp = max(MIN_DOT, triton.next_power_of_2(hidden))
+    per_unit = spec.gates * hp * itemsize
+    if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
+        block_h = hp
+    else:
+        block_h = MIN_DOT
+        while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_BUDGET:
+            block_h *= 2
+    block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_DOT
+    num_warps = 8 if per_unit * block_h > 64 * 1024 else 4
+    return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1)
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def select_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
+                  device=None, override: Optional[KernelConfig] = None) -> KernelConfig:
+    """The config the launcher uses: ``override``, else the tuned cache entry, else the default."""
+    if override is not None:
+        return override
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        try:
+            from ..autotune import lookup_config
+        except ImportError:  # autotuner not installed in this tree
+            lookup_config = None
+        if lookup_config is not None:
+            cfg = lookup_config(cell, pass_, dtype_name(_as_dtype(dtype)), hidden, batch, device)
+            if cfg is not None:
+                return cfg
+    num_sms = 132
+    if device is not None and device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return default_config(cell, pass_, dtype, hidden, batch, num_sms)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's cuDNN TF32 switch, as cuDNN RNNs do; exact IEEE when it is off."""
+    if dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@dataclass
+class _Plan:
+    grid_b: int
+    grid_h: int
+    block_h: int
+    block_b: int
+    persistent: bool
+    use_barrier: bool
+
+
+def _max_resident_programs(compiled, num_warps: int, device) -> int:
+    """Programs that fit on the whole GPU at once, from the compiled kernel's resources."""
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    regs_per_thread = max(int(getattr(compiled, "n_regs", 0) or 0), 1)
+    regs_per_warp = ((regs_per_thread * 32 + 255) // 256) * 256
+    regs_sm = int(getattr(props, "regs_per_multiprocessor", 65536) or 65536)
+    by_regs = regs_sm // (regs_per_warp * num_warps)
+    by_threads = int(getattr(props, "max_threads_per_multi_processor", 2048) or 2048) // threads
+    shared = int(compiled.metadata.shared)
+    smem_sm = int(getattr(props, "shared_memory_per_multiprocessor", 233472) or 233472)
+    by_smem = smem_sm // (shared + 1024) if shared else by_threads
+    per_sm = max(0, min(by_regs, by_threads, by_smem, 32))
+    return per_sm * props.multi_processor_count
+
+
+def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str) -> _Plan:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    hp = _padded_k(hidden)
+    block_h = min(cfg.block_h, hp)
+    block_b = cfg.block_b if interpreting() else max(cfg.block_b, MIN_DOT)
+    block_h = block_h if interpreting() else max(block_h, MIN_DOT)
+    grid_h = triton.cdiv(hidden, block_h)
+    tiles = triton.cdiv(batch, block_b)
+    stepwise = mode == "stepwise" or (grid_h > 1 and interpreting())
+    return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b,
+                 persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1))
+
+
+def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
+            meta: dict, device, what: str) -> None:
+    """Run all ``T`` steps: one persistent launch if possible, else one launch per step.
+
+    ``args`` are the kernel's tensor arguments up to ``BATCH_SIZES``; the barrier
+    counters and ``T, B, H, t_begin, n_steps`` are appended here.
+    """
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+
+    def full(bar, t_begin, n_steps):
+        return (*args, bar, T, B, H, t_begin, n_steps)
+
+    if plan.persistent and not plan.use_barrier:
+        bar = torch.zeros(1, dtype=torch.int32, device=device)
+        kernel[(plan.grid_b, plan.grid_h)](*full(bar, 0, T), USE_BARRIER=False, **opts)
+        return
+    if plan.persistent:
+        # The grid barrier needs every program resident: bound the grid, launch cooperatively.
+        bar = torch.zeros(plan.grid_b, dtype=torch.int32, device=device)
+        compiled = kernel.warmup(*full(bar, 0, T), USE_BARRIER=True,
+                                 grid=(plan.grid_b, plan.grid_h), **opts)
+        fit = _max_resident_programs(compiled, cfg.num_warps, device)
+        grid_b = min(plan.grid_b, fit // plan.grid_h)
+        if grid_b >= 1:
+            try:
+                kernel[(grid_b, plan.grid_h)](*full(bar[:grid_b], 0, T), USE_BARRIER=True,
+                                              launch_cooperative_grid=True, **opts)
+                return
+            except RuntimeError as e:  # the driver refused the cooperative launch
+                reason = f"cooperative launch failed ({e})"
+        else:
+            reason = (f"{plan.grid_h} hidden blocks exceed the {fit} programs that can be "
+                      "resident at once")
+        _warn_once((what, plan.grid_h, cfg), f"triton_rnn: {what} with {cfg} cannot run "
+                   f"persistently: {reason}; falling back to one launch per timestep.")
+    bar = torch.zeros(1, dtype=torch.int32, device=device)
+    for step in range(T):
+        kernel[(plan.grid_b, plan.grid_h)](*full(bar, step, 1), USE_BARRIER=False, **opts)
+
+
+def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torch.Tensor],
+            h0: torch.Tensor, c0: Optional[torch.Tensor], batch_sizes: Optional[torch.Tensor],
+            reverse: bool, cfg: KernelConfig, mode: str = "auto"):
+    """Run the recurrence of one (layer, direction).
+
+    ``xg [T, B, G*H]`` is the input projection with the fused biases,
+    ``batch_sizes`` (int32, on the device) the live rows per step or ``None``.
+    Returns ``out [T, B, H]`` (storage dtype; zero on padding), ``h_state
+    [B, H]`` fp32 final hidden state per row, ``cseq [T, B, H]`` fp32 cell
+    states (LSTM) or ``None`` and ``saved [T, B, S*H]`` fp32 activations.
+    """
+    spec: CellSpec = CELL_SPECS[cell]
+    T, B, GH = xg.shape
+    H = w_hh.shape[1]
+    dev = xg.device
+    varlen = batch_sizes is not None
+    out = (torch.zeros if varlen else torch.empty)(T, B, H, dtype=xg.dtype, device=dev)
+    hst = torch.empty(B, H, dtype=torch.float32, device=dev)
+    cseq = torch.empty(T, B, H, dtype=torch.float32, device=dev) if spec.has_c else hst
+    saved = torch.empty(T, B, spec.saved * H, dtype=torch.float32, device=dev)
+    plan = _plan(H, B, cfg, mode)
+    dummy = hst
+    args = (xg, w_hh, b_hn if b_hn is not None else dummy, h0, c0 if c0 is not None else h0,
+            out, hst, cseq, saved, batch_sizes if varlen else dummy)
+    _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
+        CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
+        HAS_BHN=spec.separate_bhn and b_hn is not None, HP=_padded_k(H),
+        BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, REVERSE=reverse, VARLEN=varlen,
+        DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
+    return out, hst, (cseq if spec.has_c else None), saved
+
+
+def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[torch.Tensor],
+             w_hh: torch.Tensor, out: torch.Tensor, h0: torch.Tensor, c0: Optional[torch.Tensor],
+             cseq: Optional[torch.Tensor], saved: torch.Tensor,
+             batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
+             mode: str = "auto"):
+    """Reverse-time recurrence of one (layer, direction).
+
+    Returns ``dgh [T, B, G*H]`` (gradients of the recurrent pre-activations,
+    storage dtype), ``dxn [T, B, H]`` or ``None`` (GRU's input-side ``n``
+    gradient), and the fp32 elementwise parts of ``dh0``/``dc0`` (``[B, H]``).
+    """
+    spec: CellSpec = CELL_SPECS[cell]
+    T, B, H = out.shape
+    dev = out.device
+    varlen = batch_sizes is not None
+    alloc = torch.zeros if varlen else torch.empty
+    dgh = alloc(T, B, spec.gates * H, dtype=out.dtype, device=dev)
+    dxn = alloc(T, B, H, dtype=out.dtype, device=dev) if spec.split_x_grad else None
+    dhst = torch.empty(B, H, dtype=torch.float32, device=dev)
+    dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else dhst
+    plan = _plan(H, B, cfg, mode)
+    dummy = dhst
+    args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, out, h0,
+            c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
+            dxn if dxn is not None else dgh, dhst, dcst, batch_sizes if varlen else dummy)
+    _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
+        CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
+        SPLIT_X_GRAD=spec.split_x_grad, HP=_padded_k(H), BLOCK_H=plan.block_h,
+        BLOCK_B=plan.block_b, REVERSE=reverse, VARLEN=varlen,
+        DOT_PRECISION=_dot_precision(out.dtype)), dev, f"{cell} backward")
+    return dgh, dxn, dhst, (dcst if spec.has_c else None)

@@ -1,0 +1,339 @@
+"""The persistent recurrent kernel skeleton, forward and backward.
+
+One program owns ``BLOCK_H`` hidden units (all gates of them) and a group of
+batch tiles. Before the time loop it loads its slice of ``W_hh`` (``NUM_GATES``
+tiles of ``[HP, BLOCK_H]``) once; the slice stays on-chip for every step.
+
+Each step, for each of its batch tiles, a program
+
+1. reads the full ``h_{t-1}`` (``[BLOCK_B, HP]``) that all programs wrote to
+   ``OUT`` at the previous step (or ``h0`` at a row's first step),
+2. computes its recurrent pre-activations with ``tl.dot`` against the on-chip
+   weights, adds the precomputed input projection ``XG`` and runs the cell's
+   gate function (:mod:`triton_rnn.kernels.cells`),
+3. writes its slice of ``h_t`` to ``OUT``, its fp32 state to ``HST``/``CSEQ``
+   and the activations the backward needs to ``SAVED``.
+
+When the hidden dimension is split across programs (``USE_BARRIER``), a grid
+barrier separates the steps. The same code runs *stepwise*: one launch per
+step (``n_steps=1``), where the launch boundary is the barrier. That is how the
+interpreter runs split tilings and the fallback when the grid cannot be
+co-resident.
+
+The backward kernel mirrors this in reverse time: it reads the full gate
+gradients of the later step, multiplies them by its on-chip columns of
+``W_hh`` to get its slice of ``dh``, runs the cell's backward and writes its
+slice of the gate gradients. Weight and input gradients are computed outside,
+as large matrix products over the stored gate gradients.
+
+Offsets that scale with ``T * B * H`` are computed in int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grid_barrier(counter_ptr, target):
+    """Spin until ``*counter_ptr`` reaches ``target`` after adding this program's arrival.
+
+    Release on arrival publishes this program's global stores; acquire on the
+    wait makes the other programs' stores visible. Only safe when every program
+    of the grid is resident (cooperative launch).
+    """
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _load_gate_tiles(ptrs, mask, stride, NUM_GATES: tl.constexpr):
+    """Load up to four gate tiles ``stride`` elements apart (unused slots alias tile 0)."""
+    w0 = tl.load(ptrs, mask=mask, other=0.0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NUM_GATES > 1:
+        w1 = tl.load(ptrs + stride, mask=mask, other=0.0)
+    if NUM_GATES > 2:
+        w2 = tl.load(ptrs + 2 * stride, mask=mask, other=0.0)
+    if NUM_GATES > 3:
+        w3 = tl.load(ptrs + 3 * stride, mask=mask, other=0.0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _gate_dots(a, w0, w1, w2, w3, NUM_GATES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``a @ w_g`` for each gate, accumulated in fp32."""
+    d0 = tl.dot(a, w0, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    d1 = d0
+    d2 = d0
+    d3 = d0
+    if NUM_GATES > 1:
+        d1 = tl.dot(a, w1, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if NUM_GATES > 2:
+        d2 = tl.dot(a, w2, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if NUM_GATES > 3:
+        d3 = tl.dot(a, w3, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    return d0, d1, d2, d3
+
+
+@triton.jit
+def _step_index(step, T, REVERSE: tl.constexpr):
+    """Time index of processing step ``step`` (0-based) for the direction."""
+    if REVERSE:
+        return T - 1 - step
+    else:
+        return step
+
+
+@triton.jit
+def _active_rows(BATCH_SIZES, t, valid, B, T, VARLEN: tl.constexpr):
+    """Rows ``< n`` are live at time ``t`` (0 if ``valid`` is false)."""
+    if VARLEN:
+        tc = tl.minimum(tl.maximum(t, 0), T - 1)
+        n = tl.load(BATCH_SIZES + tc, mask=valid, other=0)
+    else:
+        n = B
+    return tl.where(valid, n, 0)
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
+def rnn_forward_kernel(
+    XG, W, BHN, H0, C0, OUT, HST, CSEQ, SAVED, BATCH_SIZES, BAR,
+    T, B, H, t_begin, n_steps,
+    CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+    HAS_C: tl.constexpr, HAS_BHN: tl.constexpr,
+    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Steps ``t_begin .. t_begin + n_steps - 1`` of one (layer, direction).
+
+    Shapes: ``XG [T, B, G*H]`` (input projection with fused biases), ``W [G*H, H]``
+    (``W_hh``), ``BHN [H]``, ``H0/C0 [B, H]``, ``OUT [T, B, H]`` (storage dtype),
+    ``HST [B, H]`` fp32 running hidden state, ``CSEQ [T, B, H]`` fp32 cell states,
+    ``SAVED [T, B, NUM_SAVED*H]`` fp32, ``BATCH_SIZES [T]`` int32 (live rows per
+    step, decreasing), ``BAR [grid_b]`` int32 zeroed barrier counters.
+    """
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_prog_b = tl.num_programs(0)
+    n_prog_h = tl.num_programs(1)
+    GH = NUM_GATES * H
+    SH = NUM_SAVED * H
+
+    offs_k = tl.arange(0, HP)
+    offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_mask = offs_k < H
+    n_mask = offs_n < H
+    # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
+    w_ptrs = W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
+    w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :],
+                                      H * H, NUM_GATES)
+    b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_BHN:
+        b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+
+    n_tiles = tl.cdiv(B, BLOCK_B)
+    for s in range(n_steps):
+        step = t_begin + s
+        t = _step_index(step, T, REVERSE)
+        t_prev = _step_index(step - 1, T, REVERSE)
+        n_live = _active_rows(BATCH_SIZES, t, step >= 0, B, T, VARLEN)
+        n_prev = _active_rows(BATCH_SIZES, t_prev, step > 0, B, T, VARLEN)
+        t64 = t.to(tl.int64)
+        tp64 = tl.maximum(tl.minimum(t_prev, T - 1), 0).to(tl.int64)
+        for tile in range(pid_b, n_tiles, n_prog_b):
+            if tile * BLOCK_B < n_live:
+                rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+                r64 = rows.to(tl.int64)
+                live = rows < n_live
+                in_b = rows < B
+                from_out = rows < n_prev
+                from_h0 = live & (rows >= n_prev)
+                # Full h_{t-1}: OUT[t-1] where the row was live then, else h0.
+                full_off = r64[:, None] * H + offs_k[None, :]
+                h_full = tl.load(OUT + tp64 * B * H + full_off,
+                                 mask=from_out[:, None] & k_mask[None, :], other=0.0,
+                                 cache_modifier=".cg")
+                h_full += tl.load(H0 + full_off, mask=from_h0[:, None] & k_mask[None, :],
+                                  other=0.0)
+                a0, a1, a2, a3 = _gate_dots(h_full, w0, w1, w2, w3, NUM_GATES, DOT_PRECISION)
+
+                own = r64[:, None] * H + offs_n[None, :]
+                own_m = live[:, None] & n_mask[None, :]
+                sel = from_out[:, None]
+                h_prev = tl.where(sel, tl.load(HST + own, mask=own_m & sel, other=0.0),
+                                  tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+                c_prev = h_prev
+                if HAS_C:
+                    c_prev = tl.where(
+                        sel, tl.load(CSEQ + tp64 * B * H + own, mask=own_m & sel, other=0.0),
+                        tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+
+                xg = XG + (t64 * B + r64)[:, None] * GH + offs_n[None, :]
+                x0, x1, x2, x3 = _load_gate_tiles(xg, own_m, H, NUM_GATES)
+                h, c, s0, s1, s2, s3 = CELL_FWD(
+                    x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32),
+                    a0, a1, a2, a3, b_hn[None, :], h_prev, c_prev)
+
+                out_m = in_b[:, None] & n_mask[None, :]
+                h = tl.where(live[:, None], h, 0.0)
+                tl.store(OUT + t64 * B * H + own, h.to(OUT.dtype.element_ty), mask=out_m)
+                tl.store(HST + own, h, mask=own_m)
+                if HAS_C:
+                    tl.store(CSEQ + t64 * B * H + own, c, mask=own_m)
+                sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
+                tl.store(sv, s0, mask=own_m)
+                if NUM_SAVED > 1:
+                    tl.store(sv + H, s1, mask=own_m)
+                if NUM_SAVED > 2:
+                    tl.store(sv + 2 * H, s2, mask=own_m)
+                if NUM_SAVED > 3:
+                    tl.store(sv + 3 * H, s3, mask=own_m)
+        tl.debug_barrier()
+        if USE_BARRIER:
+            grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
+def rnn_backward_kernel(
+    DOUT, DHN, DCN, W, OUT, H0, C0, CSEQ, SAVED, DGH, DXN, DHST, DCST, BATCH_SIZES, BAR,
+    T, B, H, t_begin, n_steps,
+    CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+    HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
+    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward steps ``t_begin .. t_begin + n_steps - 1`` (0 = the forward's last step).
+
+    Writes ``DGH [T, B, G*H]`` (gradients of the recurrent pre-activations,
+    storage dtype; zero on padding), ``DXN [T, B, H]`` (GRU: gradient of the
+    input-side ``n`` pre-activation), and leaves in ``DHST``/``DCST`` the
+    elementwise part of ``dh_{-1}`` and ``dc_{-1}`` for each row.
+    """
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_prog_b = tl.num_programs(0)
+    n_prog_h = tl.num_programs(1)
+    GH = NUM_GATES * H
+    SH = NUM_SAVED * H
+
+    offs_k = tl.arange(0, HP)
+    offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_mask = offs_k < H
+    n_mask = offs_n < H
+    # On-chip weights: tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
+    w_ptrs = W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
+    w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :],
+                                      H * H, NUM_GATES)
+
+    n_tiles = tl.cdiv(B, BLOCK_B)
+    for s in range(n_steps):
+        bstep = t_begin + s
+        fstep = T - 1 - bstep  # the forward's processing step
+        t = _step_index(fstep, T, REVERSE)
+        t_next = _step_index(fstep + 1, T, REVERSE)
+        t_prev = _step_index(fstep - 1, T, REVERSE)
+        n_live = _active_rows(BATCH_SIZES, t, fstep >= 0, B, T, VARLEN)
+        n_next = _active_rows(BATCH_SIZES, t_next, fstep + 1 < T, B, T, VARLEN)
+        n_prev = _active_rows(BATCH_SIZES, t_prev, fstep > 0, B, T, VARLEN)
+        t64 = t.to(tl.int64)
+        tn64 = tl.maximum(tl.minimum(t_next, T - 1), 0).to(tl.int64)
+        tp64 = tl.maximum(tl.minimum(t_prev, T - 1), 0).to(tl.int64)
+        for tile in range(pid_b, n_tiles, n_prog_b):
+            if tile * BLOCK_B < n_live:
+                rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+                r64 = rows.to(tl.int64)
+                live = rows < n_live
+                in_b = rows < B
+                to_next = rows < n_next
+                from_out = rows < n_prev
+                # Recurrent part of dh_t: the later step's gate gradients times W_hh.
+                dg = DGH + (tn64 * B + r64)[:, None] * GH + offs_k[None, :]
+                dg_m = to_next[:, None] & k_mask[None, :]
+                # One gate at a time keeps a single [BLOCK_B, HP] gradient tile live.
+                dh_rec = tl.dot(tl.load(dg, mask=dg_m, other=0.0, cache_modifier=".cg"), w0,
+                                input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                if NUM_GATES > 1:
+                    dh_rec += tl.dot(tl.load(dg + H, mask=dg_m, other=0.0, cache_modifier=".cg"),
+                                     w1, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                if NUM_GATES > 2:
+                    dh_rec += tl.dot(tl.load(dg + 2 * H, mask=dg_m, other=0.0,
+                                             cache_modifier=".cg"),
+                                     w2, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                if NUM_GATES > 3:
+                    dh_rec += tl.dot(tl.load(dg + 3 * H, mask=dg_m, other=0.0,
+                                             cache_modifier=".cg"),
+                                     w3, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+                own = r64[:, None] * H + offs_n[None, :]
+                own_m = live[:, None] & n_mask[None, :]
+                nxt = to_next[:, None]
+                dh = tl.where(nxt, dh_rec + tl.load(DHST + own, mask=own_m & nxt, other=0.0),
+                              tl.load(DHN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
+                dh += tl.load(DOUT + t64 * B * H + own, mask=own_m, other=0.0).to(tl.float32)
+                dc = dh * 0.0
+                if HAS_C:
+                    dc = tl.where(nxt, tl.load(DCST + own, mask=own_m & nxt, other=0.0),
+                                  tl.load(DCN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
+
+                sel = from_out[:, None]
+                h_prev = tl.where(
+                    sel,
+                    tl.load(OUT + tp64 * B * H + own, mask=own_m & sel, other=0.0).to(tl.float32),
+                    tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+                c_prev = h_prev
+                c_new = h_prev
+                if HAS_C:
+                    c_prev = tl.where(
+                        sel, tl.load(CSEQ + tp64 * B * H + own, mask=own_m & sel, other=0.0),
+                        tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+                    c_new = tl.load(CSEQ + t64 * B * H + own, mask=own_m, other=0.0)
+                sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
+                s0 = tl.load(sv, mask=own_m, other=0.0)
+                s1 = s0
+                s2 = s0
+                s3 = s0
+                if NUM_SAVED > 1:
+                    s1 = tl.load(sv + H, mask=own_m, other=0.0)
+                if NUM_SAVED > 2:
+                    s2 = tl.load(sv + 2 * H, mask=own_m, other=0.0)
+                if NUM_SAVED > 3:
+                    s3 = tl.load(sv + 3 * H, mask=own_m, other=0.0)
+
+                dx0, dx1, dx2, dx3, da0, da1, da2, da3, dh_prev, dc_prev = CELL_BWD(
+                    dh, dc, s0, s1, s2, s3, h_prev, c_prev, c_new)
+
+                lv = live[:, None]
+                out_m = in_b[:, None] & n_mask[None, :]
+                gp = DGH + (t64 * B + r64)[:, None] * GH + offs_n[None, :]
+                ety = DGH.dtype.element_ty
+                tl.store(gp, tl.where(lv, da0, 0.0).to(ety), mask=out_m)
+                if NUM_GATES > 1:
+                    tl.store(gp + H, tl.where(lv, da1, 0.0).to(ety), mask=out_m)
+                if NUM_GATES > 2:
+                    tl.store(gp + 2 * H, tl.where(lv, da2, 0.0).to(ety), mask=out_m)
+                if NUM_GATES > 3:
+                    tl.store(gp + 3 * H, tl.where(lv, da3, 0.0).to(ety), mask=out_m)
+                if SPLIT_X_GRAD:
+                    dxl = dx0
+                    if NUM_GATES == 2:
+                        dxl = dx1
+                    if NUM_GATES == 3:
+                        dxl = dx2
+                    if NUM_GATES == 4:
+                        dxl = dx3
+                    tl.store(DXN + t64 * B * H + own, tl.where(lv, dxl, 0.0).to(ety), mask=out_m)
+                tl.store(DHST + own, dh_prev, mask=own_m)
+                if HAS_C:
+                    tl.store(DCST + own, dc_prev, mask=own_m)
+        tl.debug_barrier()
+        if USE_BARRIER:
+            grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
