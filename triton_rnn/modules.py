@@ -89,7 +89,6 @@ class _TritonRNNMixin:
     def _triton_forward(self, input, hx):
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
-        name = type(self).__name__
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
@@ -99,7 +98,10 @@ class _TritonRNNMixin:
             batch = int(batch_sizes[0])
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+                # torch.nn's own wording, which differs slightly between its classes.
+                noun = " tensor" if self.mode.startswith("RNN") else ""
+                raise ValueError(f"{self.mode.split('_')[0]}: Expected input to be 2D or 3D, "
+                                 f"got {input.dim()}D{noun} instead")
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:

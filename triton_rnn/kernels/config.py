@@ -14,12 +14,17 @@ class KernelConfig:
       means one program holds all of ``W_hh`` (no grid barrier is needed).
     * ``block_b``: batch rows per tile (the M dimension of the per-step dot).
     * ``num_warps``, ``num_stages``: passed to Triton.
+    * ``block_k``: 0 keeps the program's ``W_hh`` slice on-chip for the whole
+      sequence (persistent weights). A power of two streams the slice from
+      global memory (L2) in chunks of ``block_k`` inputs at every step: the
+      fallback for slices beyond on-chip capacity (e.g. GRU hidden 2048 bf16).
     """
 
     block_h: int
     block_b: int
     num_warps: int = 4
     num_stages: int = 1
+    block_k: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,10 +38,13 @@ class KernelConfig:
         cfg = cls(**{k: int(v) for k, v in d.items()})
         for f in fields(cls):
             v = getattr(cfg, f.name)
+            if f.name == "block_k" and v == 0:
+                continue
             if v < 1 or (f.name != "num_stages" and v & (v - 1)):
                 raise ValueError(f"KernelConfig.{f.name} must be a positive power of two, got {v}")
         return cfg
 
     def __str__(self) -> str:
         return (f"block_h={self.block_h} block_b={self.block_b} "
-                f"num_warps={self.num_warps} num_stages={self.num_stages}")
+                f"num_warps={self.num_warps} num_stages={self.num_stages}"
+                + (f" block_k={self.block_k}" if self.block_k else ""))

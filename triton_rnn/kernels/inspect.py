@@ -71,7 +71,8 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
                     BATCH_SIZES="*i32", BAR="*i32")
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
                       HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad)
-    consts.update(HP=hp, BLOCK_H=block_h, BLOCK_B=block_b, REVERSE=False, VARLEN=False,
+    block_k = min(hp, max(MIN_DOT, config.block_k)) if config.block_k else 0
+    consts.update(HP=hp, BLOCK_H=block_h, BLOCK_B=block_b, BLOCK_K=block_k, REVERSE=False, VARLEN=False,
                   USE_BARRIER=split, DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
     sig = dict(ptrs)
     sig.update(T="i32", B="i32", H="i32", t_begin="i32", n_steps="i32")

@@ -79,21 +79,29 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     (``gates * padded_hidden * block_h * itemsize``) fits in
     :data:`ONCHIP_WEIGHT_BUDGET`. ``block_b`` is 16 (32 for small single-program
     tiles and batches over 16); 8 warps when the slice exceeds 64 KB, else 4.
+    When even a 16-unit slice exceeds the budget (GRU hidden 2048 in bf16, or
+    hidden 1024+ in fp32), the weights are streamed from L2 every step instead
+    (``block_h=32, block_k=128``): still one launch, but not weight-persistent.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
     """
     spec = CELL_SPECS[cell]
     itemsize = torch.empty((), dtype=_as_dtype(dtype)).element_size()
     hp = max(MIN_DOT, triton.next_power_of_2(hidden))
     per_unit = spec.gates * hp * itemsize
+    block_k = 0
     if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
         block_h = hp
+    elif per_unit * MIN_DOT > ONCHIP_WEIGHT_BUDGET:
+        # Beyond on-chip capacity even at the smallest slice: stream W_hh from L2.
+        block_h, block_k = 32, 128
     else:
         block_h = MIN_DOT
         while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_BUDGET:
             block_h *= 2
     block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_DOT
-    num_warps = 8 if per_unit * block_h > 64 * 1024 else 4
-    return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1)
+    num_warps = 8 if (per_unit * block_h > 64 * 1024 and not block_k) else 4
+    return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
+                        block_k=block_k)
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -134,6 +142,7 @@ class _Plan:
     grid_h: int
     block_h: int
     block_b: int
+    block_k: int
     persistent: bool
     use_barrier: bool
 
@@ -161,10 +170,12 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str) -> _Plan:
     block_h = min(cfg.block_h, hp)
     block_b = cfg.block_b if interpreting() else max(cfg.block_b, MIN_DOT)
     block_h = block_h if interpreting() else max(block_h, MIN_DOT)
+    block_k = 0 if not cfg.block_k else min(hp, cfg.block_k if interpreting()
+                                            else max(cfg.block_k, MIN_DOT))
     grid_h = triton.cdiv(hidden, block_h)
     tiles = triton.cdiv(batch, block_b)
     stepwise = mode == "stepwise" or (grid_h > 1 and interpreting())
-    return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b,
+    return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b, block_k=block_k,
                  persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1))
 
 
@@ -235,8 +246,8 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, HP=_padded_k(H),
-        BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, REVERSE=reverse, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
+        BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
+        VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
     return out, hst, (cseq if spec.has_c else None), saved
 
 
@@ -268,6 +279,6 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         SPLIT_X_GRAD=spec.split_x_grad, HP=_padded_k(H), BLOCK_H=plan.block_h,
-        BLOCK_B=plan.block_b, REVERSE=reverse, VARLEN=varlen,
+        BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(out.dtype)), dev, f"{cell} backward")
     return dgh, dxn, dhst, (dcst if spec.has_c else None)

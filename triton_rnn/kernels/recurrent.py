@@ -83,6 +83,84 @@ def _gate_dots(a, w0, w1, w2, w3, NUM_GATES: tl.constexpr, DOT_PRECISION: tl.con
 
 
 @triton.jit
+def _forward_preacts(OUT, H0, W, tp64, r64, from_out, from_h0, offs_n, n_mask, w0, w1, w2, w3,
+                     B, H, NUM_GATES: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """``h_{t-1} @ W_hh_g^T`` for the program's units: on-chip weights, or streamed in K chunks."""
+    if BLOCK_K == 0:
+        offs_k = tl.arange(0, HP)
+        k_mask = offs_k < H
+        off = r64[:, None] * H + offs_k[None, :]
+        h = tl.load(OUT + tp64 * B * H + off, mask=from_out[:, None] & k_mask[None, :],
+                    other=0.0, cache_modifier=".cg")
+        h += tl.load(H0 + off, mask=from_h0[:, None] & k_mask[None, :], other=0.0)
+        return _gate_dots(h, w0, w1, w2, w3, NUM_GATES, DOT_PRECISION)
+    else:
+        a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        for k0 in range(0, HP, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < H
+            off = r64[:, None] * H + offs_k[None, :]
+            h = tl.load(OUT + tp64 * B * H + off, mask=from_out[:, None] & k_mask[None, :],
+                        other=0.0, cache_modifier=".cg")
+            h += tl.load(H0 + off, mask=from_h0[:, None] & k_mask[None, :], other=0.0)
+            wp = W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
+            v0, v1, v2, v3 = _load_gate_tiles(wp, k_mask[:, None] & n_mask[None, :], H * H,
+                                              NUM_GATES)
+            d0, d1, d2, d3 = _gate_dots(h, v0, v1, v2, v3, NUM_GATES, DOT_PRECISION)
+            a0 += d0
+            if NUM_GATES > 1:
+                a1 += d1
+            if NUM_GATES > 2:
+                a2 += d2
+            if NUM_GATES > 3:
+                a3 += d3
+        return a0, a1, a2, a3
+
+
+@triton.jit
+def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, H,
+                 NUM_GATES: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """``sum_g dG_g(t+1) @ W_hh_g[:, units]``: the recurrent part of the program's ``dh_t``."""
+    GH = NUM_GATES * H
+    if BLOCK_K == 0:
+        offs_k = tl.arange(0, HP)
+        dg = DGH + (tn64 * B + r64)[:, None] * GH + offs_k[None, :]
+        m = to_next[:, None] & (offs_k < H)[None, :]
+        # One gate at a time keeps a single [BLOCK_B, HP] gradient tile live.
+        acc = tl.dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0,
+                     input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if NUM_GATES > 1:
+            acc += tl.dot(tl.load(dg + H, mask=m, other=0.0, cache_modifier=".cg"), w1,
+                          input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if NUM_GATES > 2:
+            acc += tl.dot(tl.load(dg + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w2,
+                          input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if NUM_GATES > 3:
+            acc += tl.dot(tl.load(dg + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w3,
+                          input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        return acc
+    else:
+        acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+        for k0 in range(0, HP, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < H
+            dg = DGH + (tn64 * B + r64)[:, None] * GH + offs_k[None, :]
+            m = to_next[:, None] & k_mask[None, :]
+            wp = W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
+            wm = k_mask[:, None] & n_mask[None, :]
+            for g in tl.static_range(NUM_GATES):
+                acc += tl.dot(tl.load(dg + g * H, mask=m, other=0.0, cache_modifier=".cg"),
+                              tl.load(wp + g * H * H, mask=wm, other=0.0),
+                              input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        return acc
+
+
+@triton.jit
 def _step_index(step, T, REVERSE: tl.constexpr):
     """Time index of processing step ``step`` (0-based) for the direction."""
     if REVERSE:
@@ -108,7 +186,7 @@ def rnn_forward_kernel(
     T, B, H, t_begin, n_steps,
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BHN: tl.constexpr,
-    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -132,9 +210,16 @@ def rnn_forward_kernel(
     k_mask = offs_k < H
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
+    # Loaded once, before the time loop (unless streamed: BLOCK_K > 0).
     w_ptrs = W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
-    w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :],
-                                      H * H, NUM_GATES)
+    if BLOCK_K == 0:
+        w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :], H * H,
+                                          NUM_GATES)
+    else:
+        w0 = 0.0
+        w1 = 0.0
+        w2 = 0.0
+        w3 = 0.0
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -156,14 +241,10 @@ def rnn_forward_kernel(
                 in_b = rows < B
                 from_out = rows < n_prev
                 from_h0 = live & (rows >= n_prev)
-                # Full h_{t-1}: OUT[t-1] where the row was live then, else h0.
-                full_off = r64[:, None] * H + offs_k[None, :]
-                h_full = tl.load(OUT + tp64 * B * H + full_off,
-                                 mask=from_out[:, None] & k_mask[None, :], other=0.0,
-                                 cache_modifier=".cg")
-                h_full += tl.load(H0 + full_off, mask=from_h0[:, None] & k_mask[None, :],
-                                  other=0.0)
-                a0, a1, a2, a3 = _gate_dots(h_full, w0, w1, w2, w3, NUM_GATES, DOT_PRECISION)
+                # Full h_{t-1} (OUT[t-1] where the row was live then, else h0) @ W_hh^T.
+                a0, a1, a2, a3 = _forward_preacts(OUT, H0, W, tp64, r64, from_out, from_h0,
+                                                  offs_n, n_mask, w0, w1, w2, w3, B, H,
+                                                  NUM_GATES, HP, BLOCK_K, DOT_PRECISION)
 
                 own = r64[:, None] * H + offs_n[None, :]
                 own_m = live[:, None] & n_mask[None, :]
@@ -207,7 +288,7 @@ def rnn_backward_kernel(
     T, B, H, t_begin, n_steps,
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
-    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -231,8 +312,14 @@ def rnn_backward_kernel(
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
     w_ptrs = W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
-    w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :],
-                                      H * H, NUM_GATES)
+    if BLOCK_K == 0:
+        w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :], H * H,
+                                          NUM_GATES)
+    else:
+        w0 = 0.0
+        w1 = 0.0
+        w2 = 0.0
+        w3 = 0.0
 
     n_tiles = tl.cdiv(B, BLOCK_B)
     for s in range(n_steps):
@@ -256,22 +343,8 @@ def rnn_backward_kernel(
                 to_next = rows < n_next
                 from_out = rows < n_prev
                 # Recurrent part of dh_t: the later step's gate gradients times W_hh.
-                dg = DGH + (tn64 * B + r64)[:, None] * GH + offs_k[None, :]
-                dg_m = to_next[:, None] & k_mask[None, :]
-                # One gate at a time keeps a single [BLOCK_B, HP] gradient tile live.
-                dh_rec = tl.dot(tl.load(dg, mask=dg_m, other=0.0, cache_modifier=".cg"), w0,
-                                input_precision=DOT_PRECISION, out_dtype=tl.float32)
-                if NUM_GATES > 1:
-                    dh_rec += tl.dot(tl.load(dg + H, mask=dg_m, other=0.0, cache_modifier=".cg"),
-                                     w1, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-                if NUM_GATES > 2:
-                    dh_rec += tl.dot(tl.load(dg + 2 * H, mask=dg_m, other=0.0,
-                                             cache_modifier=".cg"),
-                                     w2, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-                if NUM_GATES > 3:
-                    dh_rec += tl.dot(tl.load(dg + 3 * H, mask=dg_m, other=0.0,
-                                             cache_modifier=".cg"),
-                                     w3, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3,
+                                      B, H, NUM_GATES, HP, BLOCK_K, DOT_PRECISION)
 
                 own = r64[:, None] * H + offs_n[None, :]
                 own_m = live[:, None] & n_mask[None, :]
