@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .kernels import launch
 from .kernels.cells import CELL_SPECS
@@ -83,8 +82,16 @@ class RecurrenceFunction(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dh_n, dc_n=None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "triton_rnn: double backward (create_graph=True) through the Triton RNN kernels "
+                "is not supported; use backend='torch' for higher-order gradients.")
+        with torch.no_grad():
+            return RecurrenceFunction._backward(ctx, dout, dh_n, dc_n)
+
+    @staticmethod
+    def _backward(ctx, dout, dh_n, dc_n):
         cell, reverse, lengths, bsz, cfg_f, cfg_b, mode = ctx.meta
         x, h0, c0, w_ih, w_hh, b_hh, out, cseq, saved = ctx.saved_tensors
         spec = CELL_SPECS[cell]

@@ -1,0 +1,115 @@
+"""The Triton kernels in Triton's interpreter, against float64 torch.nn.
+
+Small shapes only: the interpreter's cost grows with grid size x steps x ops.
+Split-hidden tilings run stepwise here (the interpreter runs programs one after
+another, so a grid barrier cannot work); the single-program tiling runs the
+whole time loop in one persistent launch. bf16 is not tested here: the
+interpreter's ``tl.dot`` is wrong for it (covered by the static report and the
+GPU tests).
+"""
+
+import os
+import random
+import warnings
+
+import pytest
+import torch
+
+import triton_rnn
+from rnn_testing import Case, compare, random_case
+from triton_rnn.kernels.config import KernelConfig
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="interpreter tests (a GPU runs tests/test_gpu.py)")
+
+#: Tilings: one program holding all of W_hh; the hidden dimension split over
+#: programs (H=10 over blocks of 4: the last block is partly masked); the
+#: weights streamed in K chunks; and several batch tiles.
+TILINGS = {
+    "single": None,
+    "split": KernelConfig(block_h=4, block_b=2),
+    "streamed": KernelConfig(block_h=8, block_b=4, block_k=4),
+}
+
+
+def _opts(tiling):
+    cfg = TILINGS[tiling]
+    return None if cfg is None else {"config": cfg, "backward_config": cfg}
+
+
+@pytest.mark.parametrize("tiling", sorted(TILINGS))
+@pytest.mark.parametrize("kind,nl", [("GRU", "tanh"), ("LSTM", "tanh"), ("RNN", "tanh"),
+                                     ("RNN", "relu")])
+def test_cell_matches_torch_fp32(poison_empty, kind, nl, tiling):
+    case = Case(kind=kind, nonlinearity=nl, input_size=6, hidden=10, bidirectional=True,
+                T=4, B=3)
+    compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=3)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_packed_unsorted_split_two_layers(poison_empty, kind):
+    case = Case(kind=kind, input_size=4, hidden=6, layers=2, bidirectional=True, T=5,
+                packed_lengths=(3, 5, 1, 4))
+    compare(case, dtype=torch.float32,
+            kernel_options={"config": KernelConfig(4, 2), "backward_config": KernelConfig(4, 2)},
+            seed=4)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_packed_single_program_batch_first_states(poison_empty, kind):
+    case = Case(kind=kind, input_size=5, hidden=7, bidirectional=True, batch_first=True, T=4,
+                packed_lengths=(2, 4, 4, 1, 3), with_state=True)
+    compare(case, dtype=torch.float32, seed=5)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+def test_fp16(poison_empty, kind):
+    case = Case(kind=kind, input_size=8, hidden=16, bidirectional=False, T=4, B=4)
+    compare(case, dtype=torch.float16, seed=6)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14, 15, 16])
+def test_foundation_grid_through_triton(seed):
+    """The foundation's randomized configurations, now through the kernels."""
+    rng = random.Random(seed)
+    case = random_case(rng, T=rng.choice([2, 3]), B=rng.choice([1, 2]),
+                       layers=rng.choice([1, 2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # proj_size falls back, see README
+        compare(case, dtype=torch.float32, seed=seed)
+
+
+def test_stepwise_equals_persistent():
+    torch.manual_seed(0)
+    m = triton_rnn.GRU(5, 8, backend="triton")
+    x = torch.randn(6, 3, 5)
+    a = m(x)[0]
+    m.kernel_options = {"mode": "stepwise"}
+    b = m(x)[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+def test_large_preactivations_do_not_overflow(kind):
+    m = getattr(triton_rnn, kind)(4, 8, backend="triton")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1e4)
+    x = 1e4 * torch.randn(3, 2, 4, requires_grad=True)
+    out, _ = m(x)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_double_backward_raises_clearly():
+    m = triton_rnn.GRU(3, 4, backend="triton")
+    x = torch.randn(2, 1, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
+
+
+def test_zero_batch_through_triton():
+    m = triton_rnn.LSTM(3, 4, backend="triton")
+    out, (h, c) = m(torch.randn(2, 0, 3))
+    assert out.shape == (2, 0, 4) and h.shape == (1, 0, 4) and c.shape == (1, 0, 4)
