@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# One-command GPU check: versions, GPU tests, ceilings, tuning, quick benchmark, summary.
+#
+#   bash benchmarks/device_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else ./device-check-out)
+#
+# Runs from the repository root. Every step has its own time limit; a step that
+# fails or runs out of time is logged and the next one runs. The whole script
+# ends within $DEVICE_CHECK_BUDGET_S seconds (default 470: under 8 minutes),
+# each step's limit shrinking to leave the later steps their share.
+# Everything printed goes to OUTDIR/device_check.log too. OUTDIR ends up with at
+# most 8 files (the device tool returns 8):
+#   summary.md            steps, versions, ceilings and the benchmark tables
+#   device_check.log      the full output of every step
+#   floors.json           measured ceilings (python -m benchmarks.floors)
+#   bench_quick.json/.png triton-rnn bench --quick against cuDNN
+#   bench_flashrnn.json   a few shapes against FlashRNN, when `import flashrnn` works
+# Wheels found under .whl/ (FlashRNN, say) are installed to /tmp/site first.
+# DEVICE_CHECK_SKIP_INSTALL=1 skips `pip install -e .` (PYTHONPATH=. is set anyway).
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
+OUTDIR=${1:-${OUT:-$ROOT/device-check-out}}
+mkdir -p "$OUTDIR" || exit 1
+OUTDIR=$(cd "$OUTDIR" && pwd)
+LOG=$OUTDIR/device_check.log
+SUMMARY=$OUTDIR/summary.md
+: >"$LOG"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
+DEADLINE=$((START + BUDGET))
+STEPS_TSV=$(mktemp)
+
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export MPLBACKEND=Agg
+# The tuning cache in /tmp: no platformdirs needed, nothing left in the tree.
+export TRITON_RNN_CACHE_DIR=${TRITON_RNN_CACHE_DIR:-/tmp/triton-rnn-cache}
+unset TRITON_INTERPRET
+
+log() { echo "[device_check $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+
+# step NAME MAX_S RESERVE_S COMMAND: run COMMAND (a bash string) with a time limit of
+# MAX_S seconds, shortened so that RESERVE_S seconds stay for the later steps.
+step() {
+    local name=$1 max=$2 reserve=$3 cmd=$4
+    local now left limit t0 rc
+    now=$(date +%s)
+    left=$((DEADLINE - now - reserve))
+    limit=$((max < left ? max : left))
+    if ((limit < 5)); then
+        log "SKIP $name: no time left"
+        printf '%s\tskipped\t0\t-\n' "$name" >>"$STEPS_TSV"
+        LAST_RC=skipped
+        return 0
+    fi
+    log "=== $name (limit ${limit}s): $cmd"
+    t0=$(date +%s)
+    timeout -k 10 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    local took=$(($(date +%s) - t0))
+    local what=ok
+    if ((rc == 124 || rc == 137)); then what="TIMEOUT"; elif ((rc != 0)); then what="FAILED"; fi
+    log "--- $name: $what (rc $rc, ${took}s)"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$what" "$took" "$rc" >>"$STEPS_TSV"
+    LAST_RC=$rc
+    return 0
+}
+
+log "out dir: $OUTDIR, budget ${BUDGET}s, python: $(command -v "$PY")"
+
+# 1. Versions and device properties.
+step versions 30 420 "nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,compute_mode --format=csv
+$PY - <<'EOF'
+import platform, torch
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'cudnn', torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+try:
+    import triton; print('triton', triton.__version__)
+except Exception as e: print('triton unavailable:', e)
+try:
+    import flashrnn; print('flashrnn importable from', flashrnn.__file__)
+except Exception as e: print('flashrnn not importable:', type(e).__name__, e)
+print('cuda available:', torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('device:', p.name, 'cc', f'{p.major}.{p.minor}', 'SMs', p.multi_processor_count,
+          'memory GiB', round(p.total_memory / 2**30, 1))
+EOF"
+
+# 2. Install: carried wheels to /tmp/site, the package without deps (PYTHONPATH covers a failure).
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    step wheels 60 400 "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $ROOT/.whl/*.whl"
+    if [ "$LAST_RC" = 0 ]; then export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
+fi
+if [ -n "${DEVICE_CHECK_SKIP_INSTALL:-}" ]; then
+    log "SKIP install: DEVICE_CHECK_SKIP_INSTALL is set (PYTHONPATH=$ROOT is used)"
+else
+    step install 60 390 "$PY -m pip install -q --no-deps --no-build-isolation -e ."
+fi
+step import 30 380 "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; print(\"triton_rnn\", triton_rnn.__version__, \"from\", triton_rnn.__file__)'"
+
+# 3. The GPU-only tests.
+step gpu_tests 150 250 "$PY -m pytest -m gpu -x -q -p no:cacheprovider tests"
+
+# 4. Ceilings: copy bandwidth, matrix rates, grid-barrier latency.
+step floors 75 200 "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout 40"
+FLOORS_ARG=""
+[ -s "$OUTDIR/floors.json" ] && FLOORS_ARG="--floors $OUTDIR/floors.json"
+
+# 5. Tune the key shapes (bf16, hidden 1024, batch 32); stored in $TRITON_RNN_CACHE_DIR.
+step tune_gru 60 170 "$PY -m triton_rnn.cli tune --cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward"
+step tune_lstm 60 160 "$PY -m triton_rnn.cli tune --cell lstm --hidden 1024 --batch 32 --dtype bfloat16 --backward"
+
+# 6. The quick grid against cuDNN. The JSON is rewritten after every shape; if the
+# run dies (a lost CUDA context, a hang), a second run resumes with the rest.
+HAVE_FLASH=0
+$PY -c "import flashrnn" >/dev/null 2>&1 && HAVE_FLASH=1
+FLASH_RESERVE=$((HAVE_FLASH ? 110 : 20))
+now=$(date +%s)
+bench_limit=$((DEADLINE - now - FLASH_RESERVE))
+((bench_limit > 240)) && bench_limit=240
+step bench_quick $bench_limit $FLASH_RESERVE "$PY -m triton_rnn.cli bench --quick --no-flashrnn $FLOORS_ARG --out $OUTDIR/bench_quick.json --time-budget $((bench_limit > 60 ? bench_limit - 45 : bench_limit / 2))"
+if [ "$LAST_RC" != 0 ] && [ "$LAST_RC" != skipped ] && [ -s "$OUTDIR/bench_quick.json" ]; then
+    now=$(date +%s)
+    left=$((DEADLINE - now - FLASH_RESERVE))
+    if ((left > 60)); then
+        step bench_quick_resume $left $FLASH_RESERVE "$PY -m triton_rnn.cli bench --quick --no-flashrnn $FLOORS_ARG --out $OUTDIR/bench_quick.json --resume --time-budget $((left - 40))"
+    fi
+fi
+
+# 7. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
+if ((HAVE_FLASH)); then
+    now=$(date +%s)
+    left=$((DEADLINE - now - 20))
+    step bench_flashrnn $left 20 "$PY -m triton_rnn.cli bench --quick --cells lstm,gru --hidden 1024 --batch 64 --impls triton,torch,flashrnn $FLOORS_ARG --out $OUTDIR/bench_flashrnn.json --no-plot --time-budget $((left > 40 ? left - 30 : 5))"
+else
+    log "SKIP bench_flashrnn: flashrnn is not importable (carry its wheel under .whl/ to include it)"
+fi
+
+# 8. Summary (always).
+rm -f "$OUTDIR"/*.tmp
+{
+    echo "# triton-rnn device check"
+    echo
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), total $(($(date +%s) - START)) s of a ${BUDGET} s budget"
+    echo "- commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo none)"
+    echo
+    echo "| step | result | seconds | rc |"
+    echo "|---|---|---|---|"
+    while IFS=$'\t' read -r n w s r; do echo "| $n | $w | $s | $r |"; done <"$STEPS_TSV"
+    echo
+    grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b|no tests ran" "$LOG" | tail -1 | sed 's/^/gpu tests: /'
+    echo
+} >"$SUMMARY"
+timeout 60 "$PY" - "$OUTDIR/floors.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"ceilings: unavailable ({type(e).__name__})\n"); sys.exit(0)
+print("## ceilings\n")
+bw = d.get("copy_bandwidth_gbps")
+print(f"- copy bandwidth: {bw:.0f} GB/s" if bw else "- copy bandwidth: unavailable")
+for k, v in (d.get("matmul_tflops") or {}).items():
+    print(f"- matmul {k}: {v:.1f} TFLOP/s")
+for k, v in (d.get("barrier_latency_us") or {}).items():
+    print(f"- grid barrier over {k} programs: {v:.3f} us")
+if d.get("errors"):
+    print(f"- errors: {json.dumps(d['errors'])[:800]}")
+print()
+EOF
+for name in bench_quick bench_flashrnn; do
+    if [ -s "$OUTDIR/$name.json" ]; then
+        plot_arg="--no-plot"
+        [ "$name" = bench_quick ] && plot_arg="--plot $OUTDIR/$name.png"
+        echo "## $name" >>"$SUMMARY"
+        echo >>"$SUMMARY"
+        timeout 60 "$PY" -m triton_rnn.cli bench --from-json "$OUTDIR/$name.json" $plot_arg --markdown - \
+            2>>"$LOG" | sed -n '/^### triton-rnn bench/,$p' >>"$SUMMARY"
+    fi
+done
+rm -f "$STEPS_TSV"
+n_files=$(find "$OUTDIR" -type f | wc -l)
+((n_files > 8)) && log "WARNING: $n_files files in $OUTDIR; the device tool returns 8"
+log "files: $(cd "$OUTDIR" && ls | tr '\n' ' ')"
+cat "$SUMMARY"
+exit 0

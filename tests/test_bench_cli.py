@@ -1,0 +1,175 @@
+"""``triton-rnn bench``: the CLI end to end on the CPU, and the runner's bookkeeping.
+
+The end-to-end test runs the quick grid, narrowed to batch 2, which on a CPU
+becomes the tiny grid through Triton's interpreter. Nothing here checks a
+time: only that every field is written and every shape is accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from triton_rnn import bench as B
+from triton_rnn.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOORS = {"schema": "triton-rnn-floors/1", "copy_bandwidth_gbps": 4000.0,
+          "matmul_tflops": {"bf16": 700.0, "fp16": 700.0, "tf32": 350.0, "fp32": 50.0},
+          "barrier_latency_us": {"1": 0.5, "8": 1.0, "132": 2.0}, "barrier_latency_us_full": 2.0}
+
+
+def _cpu_env() -> dict:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the tiny CPU path, also on a machine with a GPU
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("MPLBACKEND", "Agg")
+    return env
+
+
+def test_bench_quick_cli_writes_json_table_and_plot(tmp_path):
+    floors = tmp_path / "floors.json"
+    floors.write_text(json.dumps(FLOORS))
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "triton_rnn.cli", "bench", "--quick", "--batch", "2",
+           "--floors", str(floors), "--out", str(out), "--markdown", str(md)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == B.SCHEMA
+    assert doc["finished"] is True
+    env = doc["env"]
+    for key in ("device", "torch", "triton", "triton_rnn", "git", "created", "python"):
+        assert env.get(key), key
+    assert env["git"]["commit"]
+    assert doc["settings"]["grid"] == "tiny"
+    assert doc["impls"] == ["triton", "triton_stepwise", "torch"]
+    assert doc["floors"]["copy_bandwidth_gbps"] == 4000.0
+
+    shapes = {(r["shape"]["cell"], r["shape"]["pass"]) for r in doc["results"]}
+    assert shapes == {("gru", "fwd"), ("gru", "fwdbwd"), ("lstm", "fwd"), ("lstm", "fwdbwd")}
+    for r in doc["results"]:
+        assert r["status"] == "ok", (r["key"], r.get("error"), r["impls"])
+        assert r["shape"]["batch"] == 2 and r["shape"]["hidden"] == 8
+        assert set(r["impls"]) == {"triton", "triton_stepwise", "torch"}
+        for name, e in r["impls"].items():
+            assert e["error"] is None, (r["key"], name, e["error"])
+            assert e["ms"] > 0 and e["tokens_per_s"] > 0 and e["tflops"] > 0
+            assert e["floor_fraction"] > 0
+        # Same inputs, same weights: the kernels agree with torch.
+        for name in ("triton", "triton_stepwise"):
+            assert r["impls"][name]["rel_err"] < 1e-4, (r["key"], name)
+            if r["shape"]["pass"] == "fwdbwd":
+                assert r["impls"][name]["rel_err_grad_x"] < 1e-4, (r["key"], name)
+        assert set(r["speedup"]) == {"triton", "triton_stepwise"}
+        assert r["configs"]["forward"]["block_h"] >= 1
+        if r["shape"]["pass"] == "fwdbwd":
+            assert r["configs"]["backward"]["block_h"] >= 1
+        assert r["model"]["flops"] > 0 and r["model"]["bytes"] > 0
+        assert r["floor"]["floor_ms"] > 0 and r["floor"]["bound"] in ("compute", "memory", "barrier")
+
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "triton/torch" in proc.stdout  # the table, with the ratio column
+    assert "| cell |" in md.read_text()
+
+
+def _torch_only(monkeypatch):
+    """Run the runner in-process on torch alone: no kernel is defined in this process."""
+    monkeypatch.setattr(B, "select_configs", lambda shape, device: {})
+    real = B.Case.__init__
+
+    def init(self, shape, device, impls, n_sets, seed=0):
+        if shape.batch == 3:
+            raise RuntimeError("CUDA out of memory (injected)")
+        real(self, shape, device, ["torch"], n_sets, seed)
+
+    monkeypatch.setattr(B.Case, "__init__", init)
+
+
+def test_failing_shape_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    _torch_only(monkeypatch)
+    grid = dict(B.TINY_GRID, cells=["gru"], batch=[1, 3, 2], passes=["fwdbwd"])
+    shapes = B.grid_shapes(grid)
+    out = tmp_path / "r.json"
+    settings = {"grid": "test", "rounds": 2, "n_sets": 2, "host_reps": 1}
+    doc = B.run_grid(shapes, torch.device("cpu"), ["torch"], out, settings=settings,
+                     floors=FLOORS, log=lambda s: None)
+    status = {r["shape"]["batch"]: r["status"] for r in doc["results"]}
+    assert status == {1: "ok", 3: "error", 2: "ok"}
+    bad = next(r for r in doc["results"] if r["shape"]["batch"] == 3)
+    assert "out of memory" in bad["error"]
+    assert json.loads(out.read_text())["summary"]["status_counts"]["error"] == 1
+    good = next(r for r in doc["results"] if r["shape"]["batch"] == 1)
+    assert len(good["impls"]["torch"]["ms_rounds"]) == 2  # alternating rounds
+
+
+def test_resume_marks_an_interrupted_shape_and_budget_skips(tmp_path, monkeypatch):
+    _torch_only(monkeypatch)
+    grid = dict(B.TINY_GRID, cells=["lstm"], batch=[1, 2], passes=["fwd"])
+    shapes = B.grid_shapes(grid)
+    out = tmp_path / "r.json"
+    # A previous run that died inside the first shape.
+    B.save_json({"results": [{"key": shapes[0].key, "shape": shapes[0].to_dict(),
+                              "status": "running", "impls": {}}]}, out)
+    settings = {"grid": "test", "rounds": 1, "n_sets": 1, "host_reps": 1}
+    doc = B.run_grid(shapes, torch.device("cpu"), ["torch"], out, settings=settings, floors=None,
+                     resume=True, log=lambda s: None)
+    assert [r["status"] for r in doc["results"]] == ["error", "ok"]
+    assert "interrupted" in doc["results"][0]["error"]
+
+    doc = B.run_grid(shapes, torch.device("cpu"), ["torch"], tmp_path / "s.json",
+                     settings=settings, floors=None, time_budget_s=-1.0, log=lambda s: None)
+    assert [r["status"] for r in doc["results"]] == ["skipped", "skipped"]
+
+
+def test_from_json_renders_table_markdown_and_plot(tmp_path, monkeypatch, capsys):
+    _torch_only(monkeypatch)
+    shapes = B.grid_shapes(dict(B.TINY_GRID, cells=["gru"], passes=["fwd"]))
+    src = tmp_path / "r.json"
+    B.run_grid(shapes, torch.device("cpu"), ["torch"], src, settings={"grid": "t", "host_reps": 1},
+               floors=None, log=lambda s: None)
+    png, md = tmp_path / "p.png", tmp_path / "r.md"
+    rc = cli_main(["bench", "--from-json", str(src), "--plot", str(png), "--markdown", str(md)])
+    assert rc == 0
+    assert png.exists() and md.read_text().startswith("### triton-rnn bench")
+    assert "torch ms" in capsys.readouterr().out
+
+
+def test_model_counts_and_floor():
+    s = B.Shape("gru", hidden=256, batch=8, seq_len=128, dtype="bf16", pass_="fwd")
+    c = B.model_counts(s, {"forward": {"block_h": 64, "block_b": 16}})
+    assert c["flops"] == 2 * 128 * 8 * 3 * 256 * (256 + 256)
+    weights = 3 * 256 * 256 * 2 + 2 * 3 * 256
+    assert c["bytes"] == 2 * (128 * 8 * 256 * 2 + weights + 2 * 8 * 256)
+    assert c["barriers"] == 128 and c["programs"] == 4
+    fl = B.floor_model(c, s, FLOORS)
+    assert fl["barrier_ms"] == pytest.approx(128 * 1.0e-3)  # 4 programs -> the 8-program latency
+    assert fl["compute_ms"] == pytest.approx(c["flops"] / 700e12 * 1e3)
+    assert fl["bound"] == "barrier" and fl["floor_ms"] == fl["barrier_ms"]
+    # One program holds all of W_hh: no barrier; fwd+bwd is three forwards of FLOPs.
+    s2 = B.Shape("lstm", 64, 8, 16, "fp32", "fwdbwd")
+    c2 = B.model_counts(s2, {"forward": {"block_h": 64, "block_b": 16}})
+    assert c2["barriers"] == 0
+    assert c2["flops"] == 3 * 2 * 16 * 8 * 4 * 64 * 128
+    assert B.floor_model(c2, s2, FLOORS)["matmul_tflops"] == 350.0  # fp32 uses the TF32 rate
+    assert B.floor_model(c2, s2, None) is None
+
+
+def test_grids_match_the_issue():
+    full = B.grid_shapes(B.FULL_GRID)
+    assert len(full) == 2 * 4 * 5 * 2 * 3 * 2
+    assert len({s.key for s in full}) == len(full)
+    quick = B.grid_shapes(B.QUICK_GRID)
+    assert 8 <= len(quick) <= 24

@@ -1,0 +1,243 @@
+"""``triton-rnn bench``: throughput of the Triton kernels against cuDNN (and FlashRNN).
+
+Times ``triton_rnn`` (persistent kernels), ``triton_rnn`` stepwise (one launch
+per timestep), ``torch.nn`` (cuDNN on a GPU) and FlashRNN (when ``import
+flashrnn`` works) on the same inputs, shape by shape, and prints a table with
+the speedup over cuDNN. Writes a JSON file (versions, device, git commit, every
+timing, the tile configs) after every shape, and a PNG of speedup against batch
+size at the end. A shape that fails is recorded as an error and the run goes on.
+
+Grids: ``--quick`` (a few minutes on one GPU), the full grid (default), and
+``--tiny`` (a CPU smoke test through Triton's interpreter; the default when no
+CUDA device is present). ``--cells``, ``--hidden``... narrow any grid.
+``--floors FILE`` (from ``python -m benchmarks.floors``) adds the analytic
+floor of every shape and the achieved fraction of it.
+
+``--cuda-graphs`` also times CUDA-graph replays of every implementation. It is
+off by default: capture costs time and memory per shape, most RNN users run
+eagerly, and the persistent kernels make one launch per pass anyway, so the
+eager numbers are the ones users see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import CLIError
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad list: {text!r}") from None
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="throughput against cuDNN (and FlashRNN): table, JSON and plot",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="the quick grid (a few minutes on a GPU)")
+    g.add_argument("--tiny", action="store_true",
+                   help="tiny shapes (T=4, B=1/2, H=8, fp32): a smoke test, also on the CPU")
+    p.add_argument("--cells", type=_csv(str), help="comma list: gru,lstm")
+    p.add_argument("--hidden", type=_csv(int), help="comma list of hidden sizes")
+    p.add_argument("--batch", type=_csv(int), help="comma list of batch sizes")
+    p.add_argument("--seq-len", type=_csv(int), help="comma list of sequence lengths")
+    p.add_argument("--dtypes", type=_csv(str), help="comma list: bf16,fp16,fp32")
+    p.add_argument("--passes", type=_csv(str), help="comma list: fwd,fwdbwd")
+    p.add_argument("--impls", type=_csv(str),
+                   help="comma list of triton,triton_stepwise,torch,flashrnn "
+                        "(default: all; flashrnn only when importable)")
+    p.add_argument("--no-flashrnn", action="store_true", help="leave FlashRNN out")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--floors", metavar="FILE", help="ceilings JSON from python -m benchmarks.floors")
+    p.add_argument("--out", metavar="JSON", default=None,
+                   help="result file (default runs/bench/bench-<grid>-<time>.json)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="plot file (default: the JSON's name with .png)")
+    p.add_argument("--no-plot", action="store_true", help="write no plot")
+    p.add_argument("--markdown", metavar="MD", default=None,
+                   help="also write the table as markdown ('-' for stdout)")
+    p.add_argument("--from-json", metavar="JSON", default=None,
+                   help="measure nothing: print the table (and --plot/--markdown) of a result file")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the shapes already in --out and measure the rest")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new shape after S seconds (the rest is recorded as skipped)")
+    p.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25)")
+    p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (default 100)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternating rounds per implementation (default 3; 1 when tiny)")
+    p.add_argument("--sets", type=int, default=None, help="rotated input sets (default 3)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time CUDA-graph replays (off by default, see the description)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the output comparison against torch on the first call")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+    return p
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _ensure_interpreter() -> None:
+    """On a CPU the kernels need Triton's interpreter, set before they are defined."""
+    if _interpreter_on():
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    defined = [m for m in sys.modules if m.startswith(("triton_rnn.kernels", "triton_rnn.autograd"))]
+    if defined and sys.argv[1:2] == ["bench"]:
+        # The kernels were already decorated without the interpreter: start again with it.
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "triton_rnn.cli"] + sys.argv[1:])
+    if defined:
+        print("triton-rnn bench: warning: the kernels were imported before TRITON_INTERPRET=1 was "
+              "set; the Triton rows will fail on the CPU", file=sys.stderr)
+
+
+def _grid(args, B) -> tuple:
+    if args.tiny:
+        name, grid = "tiny", dict(B.TINY_GRID)
+    elif args.quick:
+        name, grid = "quick", dict(B.QUICK_GRID)
+    else:
+        name, grid = "full", dict(B.FULL_GRID)
+    for opt, key in (("cells", "cells"), ("hidden", "hidden"), ("batch", "batch"),
+                     ("seq_len", "seq_len"), ("dtypes", "dtypes"), ("passes", "passes")):
+        v = getattr(args, opt)
+        if v:
+            grid[key] = v
+    for c in grid["cells"]:
+        if c not in B.GATES:
+            raise CLIError(f"unknown cell {c!r}; choose from {sorted(B.GATES)}")
+    for d in grid["dtypes"]:
+        if d not in B.DTYPES:
+            raise CLIError(f"unknown dtype {d!r}; choose from {sorted(B.DTYPES)}")
+    for s in grid["passes"]:
+        if s not in B.PASSES:
+            raise CLIError(f"unknown pass {s!r}; choose from {list(B.PASSES)}")
+    return name, grid
+
+
+def _write_reports(doc: dict, args, out_json, B) -> int:
+    # With ``--markdown -`` the markdown is the last thing on stdout, the rest goes to stderr.
+    info = sys.stderr if args.markdown == "-" else sys.stdout
+    print(B.format_table(doc), file=info, flush=True)
+    if args.markdown and args.markdown != "-":
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(B.markdown_report(doc))
+        print(f"markdown: {args.markdown}", file=info)
+    rc = 0
+    if not args.no_plot and (args.plot or out_json is not None):
+        png = Path(args.plot) if args.plot else Path(out_json).with_suffix(".png")
+        try:
+            B.plot(doc, png)
+            print(f"plot: {png}", file=info)
+        except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
+            print(f"triton-rnn bench: plot failed: {type(e).__name__}: {e}", file=sys.stderr)
+            rc = 1
+    if args.markdown == "-":
+        print(B.markdown_report(doc), flush=True)
+    return rc
+
+
+def run(args) -> int:
+    from .. import bench as B
+
+    if args.from_json:
+        try:
+            with open(args.from_json) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot read {args.from_json}: {e}") from None
+        out = None if args.no_plot or args.plot else args.from_json
+        return _write_reports(doc, args, out, B)
+
+    import torch
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda but no CUDA device is available")
+    if dev.type != "cuda":
+        _ensure_interpreter()
+        if not args.quick and not args.tiny:
+            print("triton-rnn bench: no CUDA device: running the tiny grid through Triton's "
+                  "interpreter (a smoke test; the times mean nothing)", flush=True)
+        args.tiny = True
+        args.quick = False
+    elif _interpreter_on():
+        raise CLIError("TRITON_INTERPRET is set: unset it to time the kernels on the GPU")
+    if args.tiny and dev.type != "cuda":
+        args.quick = False
+    name, grid = _grid(args, B)
+    if dev.type != "cuda" and not args.tiny:
+        name = "tiny"
+
+    impls = list(args.impls or B.IMPLS)
+    for n in impls:
+        if n not in B.IMPLS:
+            raise CLIError(f"unknown implementation {n!r}; choose from {list(B.IMPLS)}")
+    if B.REFERENCE not in impls:
+        impls.append(B.REFERENCE)
+    if "flashrnn" in impls and (args.no_flashrnn or dev.type != "cuda" or not B.flashrnn_available()):
+        if args.impls and "flashrnn" in args.impls and not args.no_flashrnn:
+            print("triton-rnn bench: flashrnn left out (needs CUDA and `import flashrnn`)",
+                  file=sys.stderr)
+        impls.remove("flashrnn")
+
+    floors = None
+    if args.floors:
+        try:
+            floors = B.load_floors(args.floors)
+        except (OSError, ValueError) as e:
+            print(f"triton-rnn bench: cannot read floors {args.floors}: {e}; no floors",
+                  file=sys.stderr)
+
+    tiny = name == "tiny"
+    settings = {
+        "grid": name, "grid_lists": grid, "device": str(dev),
+        "warmup_ms": args.warmup_ms if args.warmup_ms is not None else 25.0,
+        "rep_ms": args.rep_ms if args.rep_ms is not None else 100.0,
+        "rounds": args.rounds if args.rounds is not None else (1 if tiny else 3),
+        "n_sets": args.sets if args.sets is not None else (2 if tiny else 3),
+        "host_reps": 1 if tiny else 5,
+        "cuda_graphs": bool(args.cuda_graphs),
+        "check": not args.no_check,
+        "seed": args.seed,
+        "timer": "triton.testing.do_bench median (CUDA events)" if dev.type == "cuda"
+                 else "host clock (interpreter smoke test)",
+        "fwd": "inference forward under torch.no_grad",
+        "fwdbwd": "forward + backward with a random output gradient, input gradient included",
+    }
+    out_json = Path(args.out) if args.out else Path("runs") / "bench" / (
+        f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    shapes = B.grid_shapes(grid)
+    print(f"triton-rnn bench: {len(shapes)} shapes, impls {impls}, device {dev}, "
+          f"grid {name} -> {out_json}", flush=True)
+    rc = 0
+    try:
+        doc = B.run_grid(shapes, dev, impls, out_json, settings=settings, floors=floors,
+                         floors_file=args.floors, time_budget_s=args.time_budget,
+                         resume=args.resume, log=lambda s: print(s, flush=True))
+    except B.ContextLost as e:
+        print(f"triton-rnn bench: stopped: {e}", file=sys.stderr)
+        with open(out_json) as f:
+            doc = json.load(f)
+        rc = 3
+    print(f"results: {out_json}")
+    rc = max(rc, _write_reports(doc, args, out_json, B))
+    return rc
