@@ -1,0 +1,241 @@
+"""The autotuning cache: round trip, merge, concurrency, damaged files, look-up."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import warnings
+
+import pytest
+
+import triton_rnn.autotune as at
+from triton_rnn.autotune import cache as C
+from triton_rnn.autotune.space import KernelKey
+from triton_rnn.kernels.config import KernelConfig
+
+GPU = "NVIDIA H200"
+CAP = (9, 0)
+
+
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_RNN_CACHE_DIR", str(d))
+    monkeypatch.delenv("TRITON_RNN_AUTOTUNE", raising=False)
+    at.reload()
+    at._failed.clear()
+    at._warned.clear()
+    yield d
+    at.reload()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Make CUDA devices look like an H200 to the look-up (no GPU here)."""
+    import torch
+
+    def ident(device):
+        dev = torch.device(device) if not isinstance(device, torch.device) else device
+        return (GPU, CAP) if dev.type == "cuda" else None
+    monkeypatch.setattr(at, "_device_identity", ident)
+
+
+def make_entry(cfg: KernelConfig, ms: float = 1.0) -> dict:
+    return {"config": cfg.to_dict(), "ms": ms,
+            "timings": [{"config": cfg.to_dict(), "ms": ms}]}
+
+
+def name_for(cell="gru", pass_="forward", dtype="bfloat16", hidden=256, batch=32, **kw):
+    return C.entry_key(KernelKey.for_shape(cell, pass_, dtype, hidden, batch, 90), GPU, CAP, **kw)
+
+
+def caught(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [x for x in w if issubclass(x.category, C.CacheWarning)]
+
+
+def test_round_trip_and_key_parts(tmp_cache):
+    cache = C.TuneCache()
+    assert cache.path == tmp_cache / C.CACHE_FILENAME
+    name = name_for()
+    entry = make_entry(KernelConfig(32, 16, 8, 1), 0.5)
+    cache.put(name, entry)
+    assert C.TuneCache().load() == {name: entry}
+    doc = json.loads(cache.path.read_text())
+    assert doc["schema"] == C.SCHEMA_VERSION
+    assert doc["triton_version"] == C.triton_version()
+    parts = C.split_entry_key(name)
+    assert parts["gpu"] == "NVIDIA_H200" and parts["capability"] == CAP
+    assert parts["triton"] == C.triton_version()
+    assert parts["library"] == C.library_version()
+    assert str(parts["kernel_key"]) == "gru:forward:bfloat16:h256:b32:sm90"
+    with pytest.raises(C.CacheFormatError):
+        cache.put(name, {"config": {"block_h": 3, "block_b": 16}})
+    assert not list(tmp_cache.glob("*.tmp"))
+
+
+def test_export_import_merge(tmp_path, tmp_cache, monkeypatch):
+    a, b, c = name_for(hidden=128), name_for(hidden=256), name_for(hidden=512)
+    src = C.TuneCache(tmp_path / "a" / "autotune.json")
+    src.put(a, make_entry(KernelConfig(128, 16)))
+    src.put(b, make_entry(KernelConfig(64, 32)))
+    exported = tmp_path / "export.json"
+    assert src.export(exported) == 2
+
+    dst = C.TuneCache()
+    dst.put(b, make_entry(KernelConfig(16, 16)))
+    dst.put(c, make_entry(KernelConfig(32, 16)))
+    # An entry from another Triton version is valid but skipped.
+    doc = json.loads(exported.read_text())
+    stale = name_for(hidden=64, triton="0.0.1")
+    doc["entries"][stale] = make_entry(KernelConfig(64, 16))
+    exported.write_text(json.dumps(doc))
+    counts = dst.import_file(exported)
+    assert counts == {"added": 1, "replaced": 1, "skipped": 1}
+    merged = dst.load()
+    assert set(merged) == {a, b, c}
+    assert merged[b]["config"] == KernelConfig(64, 32).to_dict()
+
+    # An invalid document merges nothing.
+    doc["entries"]["bogus"] = {"config": {}}
+    exported.write_text(json.dumps(doc))
+    with pytest.raises(C.CacheFormatError):
+        dst.import_file(exported)
+    assert dst.load() == merged
+
+
+def _writer(args):
+    path, worker, n, barrier = args
+    barrier.wait()
+    cache = C.TuneCache(path)
+    for i in range(n):
+        cache.put(name_for(hidden=16 * (worker * n + i + 1)),
+                  make_entry(KernelConfig(16, 16), float(worker)))
+
+
+def test_eight_concurrent_writers_lose_nothing(tmp_cache):
+    ctx = mp.get_context("fork")
+    path = tmp_cache / C.CACHE_FILENAME
+    barrier = ctx.Barrier(8)
+    n = 4
+    procs = [ctx.Process(target=_writer, args=((path, w, n, barrier),)) for w in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    entries = C.TuneCache(path).load()
+    assert len(entries) == 8 * n
+    assert {name_for(hidden=16 * (k + 1)) for k in range(8 * n)} == set(entries)
+
+
+def _valid_doc(**over):
+    doc = {"schema": C.SCHEMA_VERSION, "triton_version": C.triton_version(),
+           "library_version": C.library_version(),
+           "entries": {name_for(): make_entry(KernelConfig(32, 16))}}
+    doc.update(over)
+    return json.dumps(doc, indent=1)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "schema", "triton", "not-utf8"])
+def test_damaged_file_warns_once_keeps_copy_and_rebuilds(tmp_cache, kind):
+    tmp_cache.mkdir(parents=True)
+    path = tmp_cache / C.CACHE_FILENAME
+    raw = {
+        "corrupt": b"{this is not json",
+        "truncated": _valid_doc().encode()[:-40],
+        "schema": _valid_doc(schema=99).encode(),
+        "triton": _valid_doc(triton_version="0.0.1").encode(),
+        "not-utf8": b"\xff\xfe\x00garbage",
+    }[kind]
+    path.write_bytes(raw)
+    entries, w = caught(lambda: C.TuneCache().load())
+    assert entries == {}
+    assert len(w) == 1, [str(x.message) for x in w]
+    bad = list(tmp_cache.glob(C.CACHE_FILENAME + ".bad-*"))
+    assert len(bad) == 1 and bad[0].read_bytes() == raw
+    # Rebuilt: valid, and no further warning.
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == C.SCHEMA_VERSION and doc["entries"] == {}
+    again, w2 = caught(lambda: C.TuneCache().load())
+    assert again == {} and w2 == []
+    C.TuneCache().put(name_for(), make_entry(KernelConfig(16, 16)))
+    assert len(C.TuneCache().load()) == 1
+
+
+def test_malformed_entry_dropped_valid_ones_kept(tmp_cache):
+    tmp_cache.mkdir(parents=True)
+    path = tmp_cache / C.CACHE_FILENAME
+    doc = json.loads(_valid_doc())
+    doc["entries"][name_for(hidden=64)] = {"config": {"block_h": 12, "block_b": 16}}
+    doc["entries"]["not a key"] = make_entry(KernelConfig(16, 16))
+    path.write_text(json.dumps(doc))
+    entries, w = caught(lambda: C.TuneCache().load())
+    assert list(entries) == [name_for()]
+    assert len(w) == 1 and "2 malformed" in str(w[0].message)
+    assert len(list(tmp_cache.glob("*.bad-*"))) == 1
+    assert list(C.TuneCache().load()) == [name_for()]
+
+
+def test_lookup_returns_cached_entry_for_its_bucket(fake_gpu):
+    cfg = KernelConfig(32, 32, 8, 1)
+    C.TuneCache().put(name_for(hidden=256, batch=32), make_entry(cfg))
+    at.reload()
+    # 17..32 share the bucket: a new batch size is served without tuning.
+    for batch in (17, 20, 32):
+        assert at.lookup_config("gru", "forward", "bfloat16", 256, batch, "cuda") == cfg
+    assert at.lookup_config("gru", "forward", "bfloat16", 256, 33, "cuda") is None
+    assert at.lookup_config("gru", "backward", "bfloat16", 256, 32, "cuda") is None
+    assert at.lookup_config("gru", "forward", "float16", 256, 32, "cuda") is None
+    assert at.lookup_config("gru", "forward", "bfloat16", 256, 32, "cpu") is None
+
+
+def test_lookup_never_raises_on_broken_cache(tmp_cache, fake_gpu):
+    tmp_cache.mkdir(parents=True)
+    (tmp_cache / C.CACHE_FILENAME).write_text('{"schema": 1, "entries": [')
+    out, w = caught(lambda: [at.lookup_config("gru", "forward", "bfloat16", 256, b, "cuda")
+                             for b in (8, 16, 32)])
+    assert out == [None, None, None]
+    assert len(w) == 1
+    # Unknown cell: still no exception, one warning.
+    out, w = caught(lambda: [at.lookup_config("xyz", "forward", "bfloat16", 8, 8, "cuda")
+                             for _ in range(2)])
+    assert out == [None, None] and len(w) == 1
+
+
+def test_autotune_env_tunes_missing_shape_once(monkeypatch, fake_gpu):
+    from triton_rnn.autotune import tuner
+    calls = []
+    cfg = KernelConfig(64, 16, 4, 1)
+
+    def fake_tune_and_store(key, *, gpu, capability, batch, **kw):
+        calls.append((str(key), batch))
+        C.TuneCache().put(C.entry_key(key, gpu, capability), make_entry(cfg))
+        at.reload()
+
+    monkeypatch.setattr(tuner, "tune_and_store", fake_tune_and_store)
+    assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cuda") is None  # env unset
+    assert calls == []
+    monkeypatch.setenv("TRITON_RNN_AUTOTUNE", "1")
+    assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cuda") == cfg
+    assert at.lookup_config("lstm", "forward", "float16", 128, 7, "cuda") == cfg
+    assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cpu") is None
+    assert calls == [("lstm:forward:float16:h128:b8:sm90", 8)]
+
+
+def test_launcher_uses_cached_config(fake_gpu):
+    launch = pytest.importorskip("triton_rnn.kernels.launch")
+    import torch
+    select = getattr(launch, "select_config", None)
+    assert select is not None, "triton_rnn.kernels.launch.select_config is missing"
+    default = launch.default_config("gru", "forward", torch.bfloat16, 256, 24)
+    tuned = KernelConfig(block_h=default.block_h // 2 or 16, block_b=32, num_warps=8, num_stages=1)
+    assert tuned != default
+    C.TuneCache().put(name_for(hidden=256, batch=24), make_entry(tuned))
+    at.reload()
+    assert select("gru", "forward", torch.bfloat16, 256, 24, device="cuda") == tuned
+    assert select("gru", "forward", torch.bfloat16, 256, 30, device="cuda") == tuned
+    # No device (CPU/interpreter): the launcher's own default.
+    assert select("gru", "forward", torch.bfloat16, 256, 24, device=None) == default

@@ -1,0 +1,183 @@
+"""``triton-rnn tune`` and ``triton-rnn cache`` through subprocesses.
+
+Starting Python with torch costs seconds here, so most commands run one after
+another in a single driver subprocess that calls the CLI's ``main(argv)`` with
+its own stdin/stdout/stderr per command; the commands whose process-level
+behaviour matters (exit status and the one-line error of the console entry
+point, the real compiler) run as ``python -m triton_rnn.cli`` processes, in
+parallel with the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from triton_rnn.autotune import cache as C
+from triton_rnn.autotune.space import KernelKey
+from triton_rnn.kernels.config import KernelConfig
+
+DRIVER = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from triton_rnn.cli import main
+    results = []
+    for argv, stdin in json.load(sys.stdin):
+        out, err = io.StringIO(), io.StringIO()
+        sys.stdin = io.StringIO(stdin)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        results.append({"argv": argv, "rc": rc, "out": out.getvalue(), "err": err.getvalue()})
+    sys.__stdout__.write(json.dumps(results))
+""")
+
+GPU, CAP = "NVIDIA H200", (9, 0)
+
+
+def env_for(cache_dir, interpret: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
+                                                             "TRITON_RNN_AUTOTUNE")}
+    env["TRITON_RNN_CACHE_DIR"] = str(cache_dir)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the no-GPU path, even on a machine with one
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def start(args, env, stdin=""):
+    return subprocess.Popen([sys.executable, *args], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), stdin
+
+
+def finish(proc_and_input, timeout=300):
+    proc, stdin = proc_and_input
+    out, err = proc.communicate(stdin, timeout=timeout)
+    return proc.returncode, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_commands(tmp_path):
+    from triton_rnn.cli.cache import short_id
+    cache_dir = tmp_path / "cache"
+    names = [C.entry_key(KernelKey.for_shape("gru", "forward", "bfloat16", h, 32), GPU, CAP)
+             for h in (128, 256)]
+    good = C.TuneCache(tmp_path / "src" / "autotune.json")
+    for n, h in zip(names, (128, 64)):
+        good.put(n, {"config": KernelConfig(h, 16, 4, 1).to_dict(), "ms": 0.5, "speedup": 1.5,
+                     "timings": [{"config": KernelConfig(h, 16, 4, 1).to_dict(), "ms": 0.5}]})
+    good_file = tmp_path / "good.json"
+    good.export(good_file)
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text('{"schema": 1, "entries": {')
+    exported = tmp_path / "exported.json"
+
+    helps = [[["--help"], ""], [["tune", "--help"], ""], [["cache", "--help"], ""]] + \
+        [[["cache", a, "--help"], ""] for a in ("list", "show", "clear", "export", "import", "path")]
+    steps = [
+        (["cache", "path"], ""),
+        (["cache", "list"], ""),
+        (["cache", "import", str(good_file)], ""),
+        (["cache", "list"], ""),
+        (["cache", "show", short_id(names[1])], ""),
+        (["cache", "show", "h128"], ""),
+        (["cache", "show", "nomatch"], ""),
+        (["cache", "show", "gru"], ""),
+        (["cache", "export", str(exported)], ""),
+        (["cache", "export", str(tmp_path / "no" / "such" / "dir.json")], ""),
+        (["cache", "import", str(bad_file)], ""),
+        (["cache", "import", str(tmp_path / "missing.json")], ""),
+        (["cache", "clear"], "n\n"),
+        (["cache", "list"], ""),
+        (["cache", "clear"], "y\n"),
+        (["cache", "list"], ""),
+        (["cache", "import", str(exported)], ""),
+        (["cache", "clear", "--yes"], ""),
+        (["cache"], ""),
+        (["cache", "frobnicate"], ""),
+        (["tune", "--cell", "gru"], ""),
+        (["tune", "--cell", "gru", "--hidden", "0"], ""),
+        (["tune", "--cell", "gru", "--hidden", "64", "--config", "3,16,4"], ""),
+        (["tune", "--cell", "gru", "--hidden", "64"], ""),
+    ]
+    driver = start(["-c", DRIVER], env_for(cache_dir),
+                   json.dumps(helps + [list(s) for s in steps]))
+    no_gpu = start(["-m", "triton_rnn.cli", "tune", "--cell", "gru", "--hidden", "64"],
+                   env_for(tmp_path / "other"))
+    bad_import = start(["-m", "triton_rnn.cli", "cache", "import", str(bad_file)],
+                       env_for(tmp_path / "other"))
+
+    rc, out, err = finish(driver)
+    assert rc == 0, err[-3000:]
+    res = json.loads(out)
+    for r in res[:len(helps)]:
+        assert r["rc"] == 0 and "usage:" in r["out"], r
+    r = {i: x for i, x in enumerate(res[len(helps):])}
+
+    def ok(i, rc=0):
+        assert r[i]["rc"] == rc, r[i]
+        return r[i]["out"]
+
+    def fails(i, rc=2):
+        assert r[i]["rc"] == rc, r[i]
+        return one_line(r[i]["err"])
+
+    assert ok(0).strip() == str(cache_dir / C.CACHE_FILENAME)
+    assert "no entries" in ok(1)
+    assert "imported 2 new, 0 replaced" in ok(2)
+    table = ok(3).splitlines()
+    assert table[0].split()[:3] == ["ID", "CELL", "PASS"]
+    assert len(table) == 4 and all(short_id(n) in ok(3) for n in names)
+    assert "h64 b16 w4 s1" in ok(3) and "1.50x" in ok(3)
+    shown = json.loads(ok(4))
+    assert shown["key"] == names[1] and shown["config"]["block_h"] == 64
+    assert json.loads(ok(5))["key"] == names[0]
+    assert "no entry matches" in fails(6)
+    assert "matches 2 entries" in fails(7)
+    assert "exported 2 entries" in ok(8)
+    assert set(json.loads(exported.read_text())["entries"]) == set(names)
+    assert "cannot write" in fails(9)
+    assert "not a valid cache file" in fails(10)
+    assert "cannot read" in fails(11)
+    assert r[12]["rc"] == 1 and "[y/N]" in r[12]["out"]
+    assert len(ok(13).splitlines()) == 4          # still there
+    assert "deleted 2 entries" in ok(14)
+    assert "no entries" in ok(15)
+    assert "imported 2 new" in ok(16)
+    assert "deleted 2 entries" in ok(17)
+    for i in (18, 19, 20, 21, 22):                # argparse errors: usage + one error line
+        assert r[i]["rc"] == 2 and "error:" in r[i]["err"], r[i]
+    assert "--static-only" in fails(23)
+
+    rc, out, err = finish(no_gpu)
+    assert rc != 0 and "no CUDA GPU" in one_line(err)
+    rc, out, err = finish(bad_import)
+    assert rc == 2 and "not a valid cache file" in one_line(err)
+
+
+def test_cli_tune_static_only_real_compiler(tmp_path):
+    """``--static-only`` with the real compiler (no GPU), same two tiles as the tuner test."""
+    pytest.importorskip("triton_rnn.kernels.inspect")
+    rc, out, err = finish(start(
+        ["-m", "triton_rnn.cli", "tune", "--static-only", "--verbose", "--cell", "rnn_tanh",
+         "--hidden", "512", "--batch", "12", "--config", "16,16,8", "--config", "128,16,8"],
+        env_for(tmp_path / "cache")))
+    assert rc == 0, err[-3000:]
+    lines = out.splitlines()
+    assert lines[0].startswith("rnn_tanh:forward:bfloat16:h512:b16:sm90: 2 candidates")
+    kept = lines.index("kept 1:")
+    assert lines[kept + 1].strip().startswith("block_h=16 block_b=16 num_warps=8")
+    dropped = lines.index("dropped 1:")
+    assert "block_h=128" in lines[dropped + 1] and "local memory" in lines[dropped + 1]
+    assert not (tmp_path / "cache" / C.CACHE_FILENAME).exists()   # static-only stores nothing

@@ -1,0 +1,341 @@
+"""What the autotuner tunes: kernel keys, shape buckets, candidate tiles, the default rule.
+
+Kernel key
+----------
+A tuned tile is stored per :class:`KernelKey`:
+
+``(cell, pass, dtype, hidden, batch bucket, arch)``
+
+* ``cell``: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``;
+* ``pass``: ``"forward"`` or ``"backward"`` (the backward kernel has its own tile);
+* ``dtype``: ``"bfloat16"``, ``"float16"`` or ``"float32"``;
+* ``hidden``: the hidden size, **exact** (not bucketed). It is a constant of a
+  model, so a model meets only one or two values, and it decides how many bytes
+  of ``W_hh`` each program keeps on chip: a tile that fits at ``hidden=768``
+  may not fit at ``hidden=1024``, so two hidden sizes never share an entry;
+* ``batch bucket``: the batch size rounded **up** to a power of two, at least
+  1 and at most :data:`BATCH_CAP` (see :func:`batch_bucket`). A batch size
+  that was never tuned maps to an existing bucket, so a new batch size never
+  triggers a re-tune. Static checks run at the bucket's upper bound (its
+  largest batch), so a tile accepted for a bucket can be co-resident for every
+  batch in it. Batches above the cap share the top bucket (the launcher bounds
+  the number of batch-tile programs by what can be resident, and programs loop
+  over batch tiles, so the grid does not grow past what was checked);
+* ``arch``: the compute capability as an integer (``90`` for sm_90).
+
+The sequence length and the direction (uni/bi) are *not* part of the key: the
+per-step work of a persistent kernel does not depend on them, only the number
+of steps and launches does. They are recorded with each entry for reference.
+
+Candidate tiles
+---------------
+:func:`candidate_configs` returns a small set (at most 16, usually 8 to 16)
+of :class:`~triton_rnn.kernels.config.KernelConfig`: up to four ``block_h``
+values (powers of two from 16 to the hidden size rounded up whose ``W_hh``
+slice fits a block's shared memory, nearest to the default's), two or three ``block_b`` values (the default's, 32 or 16 beside
+it, and 64 for batch buckets of 64 and more),
+``num_warps`` in {4, 8}, ``num_stages=1`` and, only when the default streams
+``W_hh`` (``block_k > 0``), ``block_k`` at the default's value, half and double
+it; ordered by closeness to the default and cut at :data:`MAX_CANDIDATES`. It defers to ``triton_rnn.kernels.inspect.candidate_configs``
+when the kernel author provides one. The default config is always a candidate.
+
+Default rule
+------------
+:func:`heuristic_config` is what runs when nothing is cached. It uses the
+kernel author's ``triton_rnn.kernels.launch.default_config`` when that exists,
+and otherwise :func:`rule_config`:
+
+1. ``block_b``: 16 for batch buckets up to 16, 32 up to 32, else 64
+   (``tl.dot`` needs at least 16 rows);
+2. ``block_h``: the whole hidden size (one program, no grid barrier) when all
+   of ``W_hh`` takes at most half of a block's shared memory; otherwise the
+   largest power of two (at least 16) whose ``W_hh`` slice
+   (``gates * hidden * block_h`` elements) fits in half of a block's shared
+   memory and whose grid (``ceil(hidden/block_h) * ceil(batch/block_b)``
+   programs) fits on the SMs, one program per SM; 16 when none does;
+3. ``num_warps``: 8 when ``hidden >= 512`` (the ``[block_b, hidden]`` operand
+   of each step's dot needs the registers of more threads), else 4;
+4. ``num_stages``: 1 (the time loop is sequential; there is nothing to pipeline).
+
+Given a static checker (``report_fn``), :func:`heuristic_config` returns the
+first config in preference order that the checker accepts, so the default is
+always one the static check would keep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional
+
+from ..kernels.config import KernelConfig
+
+__all__ = [
+    "CELLS", "PASSES", "DTYPES", "GATES", "BATCH_CAP", "ARCH_INFO",
+    "KernelKey", "batch_bucket", "normalize_dtype", "normalize_cell", "arch_info",
+    "candidate_configs", "rule_config", "heuristic_config", "estimated_grid",
+]
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CELLS = tuple(GATES)
+PASSES = ("forward", "backward")
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16", "torch.bfloat16": "bfloat16",
+    "fp16": "float16", "half": "float16", "float16": "float16", "torch.float16": "float16",
+    "fp32": "float32", "float": "float32", "float32": "float32", "torch.float32": "float32",
+}
+_ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+#: At most this many candidates per key (the default and the nearest to it are kept).
+MAX_CANDIDATES = 16
+
+#: Largest batch bucket. Batches above it share this bucket.
+BATCH_CAP = 1024
+
+#: arch -> (number of SMs, shared memory a block can opt into, in bytes).
+#: Only used by the fallback rule; the static check reads the compiler's own limits.
+ARCH_INFO = {
+    70: (80, 98304),
+    75: (40, 65536),
+    80: (108, 166912),
+    86: (84, 101376),
+    89: (128, 101376),
+    90: (132, 232448),
+}
+
+
+def arch_info(arch: int):
+    """``(num_sms, max_shared_bytes)`` for ``arch``, the nearest lower known one otherwise."""
+    known = sorted(a for a in ARCH_INFO if a <= arch) or [min(ARCH_INFO)]
+    return ARCH_INFO[known[-1]]
+
+
+def normalize_dtype(dtype) -> str:
+    """``torch.bfloat16``, ``"bf16"``, ``"bfloat16"`` -> ``"bfloat16"`` (and so on)."""
+    name = str(dtype).lower()
+    if name not in _DTYPE_ALIASES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return _DTYPE_ALIASES[name]
+
+
+def normalize_cell(cell: str) -> str:
+    name = str(cell).lower()
+    if name not in GATES:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    return name
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch bucket: ``batch`` rounded up to a power of two, capped at :data:`BATCH_CAP`.
+
+    ``1 -> 1, 2 -> 2, 3 -> 4, 17 -> 32, 100 -> 128, 5000 -> 1024``.
+    """
+    batch = int(batch)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return min(_next_pow2(batch), BATCH_CAP)
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """One tuned kernel: see the module docstring for what each field means."""
+
+    cell: str
+    pass_: str
+    dtype: str
+    hidden: int
+    batch_bucket: int
+    arch: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "cell", normalize_cell(self.cell))
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.pass_ not in PASSES:
+            raise ValueError(f"pass must be one of {PASSES}, got {self.pass_!r}")
+        for name in ("hidden", "batch_bucket", "arch"):
+            v = int(getattr(self, name))
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+            object.__setattr__(self, name, v)
+        if self.batch_bucket != batch_bucket(self.batch_bucket):
+            raise ValueError(f"batch_bucket must be a power of two <= {BATCH_CAP}, "
+                             f"got {self.batch_bucket}")
+
+    @classmethod
+    def for_shape(cls, cell, pass_, dtype, hidden, batch, arch=90) -> "KernelKey":
+        """The key a call with this shape uses (the batch goes to its bucket)."""
+        return cls(cell, pass_, dtype, int(hidden), batch_bucket(batch), int(arch))
+
+    def __str__(self) -> str:
+        return (f"{self.cell}:{self.pass_}:{self.dtype}:h{self.hidden}:"
+                f"b{self.batch_bucket}:sm{self.arch}")
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelKey":
+        """Inverse of ``str(key)``."""
+        parts = text.split(":")
+        if (len(parts) != 6 or not parts[3].startswith("h") or not parts[4].startswith("b")
+                or not parts[5].startswith("sm")):
+            raise ValueError(f"not a kernel key: {text!r}")
+        try:
+            return cls(parts[0], parts[1], parts[2], int(parts[3][1:]), int(parts[4][1:]),
+                       int(parts[5][2:]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"not a kernel key: {text!r} ({e})") from None
+
+    def to_dict(self) -> dict:
+        return {"cell": self.cell, "pass": self.pass_, "dtype": self.dtype,
+                "hidden": self.hidden, "batch_bucket": self.batch_bucket, "arch": self.arch}
+
+    @property
+    def gates(self) -> int:
+        return GATES[self.cell]
+
+    @property
+    def elem_bytes(self) -> int:
+        return _ELEM_BYTES[self.dtype]
+
+
+def estimated_grid(hidden: int, batch: int, config: KernelConfig) -> int:
+    """Programs a persistent launch needs, by the fallback rule's model of the kernel."""
+    return math.ceil(hidden / config.block_h) * math.ceil(batch / config.block_b)
+
+
+def _block_b_for(bucket: int) -> int:
+    return 16 if bucket <= 16 else 32 if bucket <= 32 else 64
+
+
+def rule_config(key: KernelKey) -> KernelConfig:
+    """The documented fallback rule (module docstring, "Default rule")."""
+    num_sms, max_smem = arch_info(key.arch)
+    budget = max_smem // 2
+    bb = _block_b_for(key.batch_bucket)
+    top = max(16, _next_pow2(key.hidden))
+
+    def slice_bytes(bh):
+        return key.gates * key.hidden * min(bh, key.hidden) * key.elem_bytes
+
+    if slice_bytes(top) <= budget:
+        bh = top
+    else:
+        bh = 16
+        b = top
+        while b >= 16:
+            cfg = KernelConfig(b, bb)
+            if slice_bytes(b) <= budget and estimated_grid(key.hidden, key.batch_bucket, cfg) <= num_sms:
+                bh = b
+                break
+            b //= 2
+    warps = 8 if key.hidden >= 512 else 4
+    return KernelConfig(block_h=bh, block_b=bb, num_warps=warps, num_stages=1)
+
+
+def _author_default(key: KernelKey) -> Optional[KernelConfig]:
+    try:
+        from ..kernels import launch  # noqa: WPS433 - optional, written by the kernel author
+    except ImportError:
+        return None
+    fn = getattr(launch, "default_config", None)
+    if fn is None:
+        return None
+    num_sms, _ = arch_info(key.arch)
+    return fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket, num_sms=num_sms)
+
+
+def _log2(v: int) -> float:
+    return math.log2(v) if v > 0 else 0.0
+
+
+def _preference_order(key: KernelKey, base: KernelConfig,
+                      configs: Iterable[KernelConfig]) -> List[KernelConfig]:
+    """``configs`` sorted by closeness to ``base`` (log2 distance, block_h weighs most)."""
+    def dist(c: KernelConfig):
+        k = getattr(c, "block_k", 0)
+        bk = getattr(base, "block_k", 0)
+        k_dist = 0.0 if k == bk else (3.0 if (k == 0) != (bk == 0) else abs(_log2(k) - _log2(bk)))
+        return (abs(_log2(c.block_h) - _log2(base.block_h)) * 4
+                + abs(_log2(c.block_b) - _log2(base.block_b)) * 2
+                + abs(_log2(c.num_warps) - _log2(base.num_warps))
+                + abs(c.num_stages - base.num_stages) + k_dist,
+                -c.block_h, c.num_warps)
+    return sorted(dict.fromkeys(configs), key=dist)
+
+
+def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
+    top = max(16, _next_pow2(key.hidden))
+    _, max_smem = arch_info(key.arch)
+    streams = bool(getattr(base, "block_k", 0))
+    bhs = []
+    b = 16
+    while b <= top:
+        # A persistent slice that alone exceeds a block's shared memory would only be
+        # compiled to be dropped: leave it out (the default's own block_h always stays).
+        if streams or b == base.block_h or key.gates * top * b * key.elem_bytes <= max_smem:
+            bhs.append(b)
+        b *= 2
+    bhs.sort(key=lambda v: (abs(math.log2(v) - math.log2(base.block_h)), -v))
+    bhs = sorted(bhs[:4])
+    other_bb = 32 if (base.block_b <= 16 and key.batch_bucket > 16) else 16
+    bbs = sorted({base.block_b, other_bb} | ({64} if key.batch_bucket >= 64 else set()))
+    # Streaming tiles (block_k > 0) only when the default streams: a persistent tile
+    # that the default could not fit on chip would only be compiled to be dropped.
+    bk = getattr(base, "block_k", 0)
+    ks = [0] if not bk else sorted({bk, max(16, bk // 2), min(top, bk * 2)})
+    out = []
+    for bh in bhs:
+        for bb in bbs:
+            for w in (4, 8):
+                for k in ks:
+                    out.append(KernelConfig(bh, bb, w, 1, k) if k else KernelConfig(bh, bb, w, 1))
+    return out
+
+
+def candidate_configs(key: KernelKey, default: Optional[KernelConfig] = None) -> List[KernelConfig]:
+    """The configs the tuner tries for ``key`` (the default first, then by closeness to it)."""
+    base = default or heuristic_config(key)
+    configs = None
+    try:
+        from ..kernels import inspect as kinspect  # noqa: WPS433
+        fn = getattr(kinspect, "candidate_configs", None)
+    except ImportError:
+        fn = None
+    if fn is not None:
+        configs = list(fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket))
+    if not configs:
+        configs = _own_candidates(key, base)
+    return _preference_order(key, base, [base, *configs])[:MAX_CANDIDATES]
+
+
+def heuristic_config(key: KernelKey, report_fn: Optional[Callable] = None,
+                     accept: Optional[Callable] = None) -> KernelConfig:
+    """The config used when nothing is cached for ``key``.
+
+    Without ``report_fn`` this is the kernel author's ``default_config`` (or
+    :func:`rule_config`). With ``report_fn`` (a ``static_report``-like
+    callable) and ``accept`` (``report -> list of reasons``, empty when
+    accepted), it is the first config in preference order that passes the
+    static check; the unchecked default when none does.
+    """
+    base = None
+    try:
+        base = _author_default(key)
+    except Exception:  # noqa: BLE001 - a broken optional hook must not hide the rule
+        base = None
+    if base is None:
+        base = rule_config(key)
+    if report_fn is None or accept is None:
+        return base
+    for cfg in candidate_configs(key, base):
+        try:
+            report = report_fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket,
+                               config=cfg, arch=key.arch)
+        except Exception:  # noqa: BLE001 - a config that fails to compile is not accepted
+            continue
+        if not accept(report):
+            return cfg
+    return base

@@ -1,0 +1,179 @@
+"""``triton-rnn tune``: pick the fastest tile for one shape and cache it.
+
+Without a GPU, ``--static-only`` compiles every candidate for ``sm_<arch>``
+and lists what the static pruning keeps (``--verbose``: and why it dropped
+the others). With a GPU it then times the survivors, prints the chosen tile
+and its speedup over the heuristic default, and stores the result in the
+cache (``triton-rnn cache path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import CLIError
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _config(text: str):
+    from ..kernels.config import KernelConfig
+    parts = text.split(",")
+    names = ("block_h", "block_b", "num_warps", "num_stages")
+    if not 3 <= len(parts) <= 4:
+        raise argparse.ArgumentTypeError(
+            f"expected BLOCK_H,BLOCK_B,NUM_WARPS[,NUM_STAGES], got {text!r}")
+    try:
+        return KernelConfig.from_dict(dict(zip(names, (int(p) for p in parts))))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad config {text!r}: {e}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune", help="tune the kernel tile for one shape and cache it",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cell", choices=CELLS, required=True, help="recurrent cell")
+    p.add_argument("--hidden", type=_positive, required=True, help="hidden size (exact key)")
+    p.add_argument("--batch", type=_positive, default=32,
+                   help="batch size; the entry covers its power-of-two bucket (default 32)")
+    p.add_argument("--seq-len", type=_positive, default=64,
+                   help="time steps used for timing (default 64; not part of the key)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
+    p.add_argument("--direction", choices=("uni", "bi"), default="uni",
+                   help="direction of the timed layer (default uni; not part of the key)")
+    p.add_argument("--backward", action="store_true",
+                   help="also tune the backward kernel (times forward+backward)")
+    p.add_argument("--arch", type=_positive, default=None,
+                   help="compute capability as an integer, e.g. 90 (default: the GPU's, else 90)")
+    p.add_argument("--config", type=_config, action="append", metavar="BH,BB,WARPS[,STAGES]",
+                   help="try only this tile (repeatable) instead of the built-in candidates")
+    p.add_argument("--static-only", action="store_true",
+                   help="compile and prune only (no GPU needed); stores nothing")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="say why each dropped config was dropped")
+    p.set_defaults(func=run)
+    return p
+
+
+def _fmt_report(r: dict) -> str:
+    return (f"regs={r.get('registers', '?'):>3} smem={r.get('shared_bytes', '?'):>7} "
+            f"spill={r.get('local_bytes', '?')} grid={r.get('grid', '?')} "
+            f"blocks/SM={r.get('blocks_per_sm', '?')}"
+            + ("" if r.get("tensor_cores", True) else " no-tensor-cores")
+            + (" weights-reloaded-in-loop" if r.get("weights_loaded_in_loop") else ""))
+
+
+def _static_report_or_error():
+    from ..autotune.tuner import get_static_report
+    try:
+        return get_static_report()
+    except RuntimeError as e:
+        raise CLIError(str(e)) from None
+
+
+def run(args) -> int:
+    import torch
+    have_gpu = torch.cuda.is_available()
+    if not have_gpu and not args.static_only:
+        raise CLIError("no CUDA GPU is available; use --static-only to run the static pruning "
+                       "on the CPU")
+    if not args.static_only and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise CLIError("TRITON_INTERPRET is set: unset it to time the real kernels on the GPU")
+
+    from ..autotune.space import KernelKey, candidate_configs, heuristic_config
+    from ..autotune.tuner import prune
+
+    gpu = cap = None
+    if have_gpu and not args.static_only:
+        gpu = torch.cuda.get_device_name()
+        cap = tuple(torch.cuda.get_device_capability())
+        dev_arch = cap[0] * 10 + cap[1]
+        if args.arch is not None and args.arch != dev_arch:
+            raise CLIError(f"--arch {args.arch} does not match this GPU ({gpu}, sm_{dev_arch}); "
+                           "use --static-only to check another arch")
+        arch = dev_arch
+    else:
+        arch = args.arch or 90
+
+    passes = ["forward", "backward"] if args.backward else ["forward"]
+    try:
+        keys = [KernelKey.for_shape(args.cell, p, args.dtype, args.hidden, args.batch, arch)
+                for p in passes]
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    _static_report_or_error()
+    report_fn = None  # the tuner's default: static_report (batched when interpreting)
+    log = print if args.verbose else None
+
+    if args.static_only:
+        rc = 0
+        for key in keys:
+            default = heuristic_config(key)
+            configs = args.config or candidate_configs(key, default)
+            print(f"{key}: {len(configs)} candidates (batch {args.batch} -> bucket "
+                  f"{key.batch_bucket}, checked at batch {key.batch_bucket})")
+            try:
+                res = prune(key, configs, report_fn=report_fn, progress=sys.stderr.isatty())
+            except RuntimeError as e:
+                raise CLIError(str(e).strip().splitlines()[0]) from None
+            print(f"kept {len(res.kept)}:")
+            for cfg, rep in res.kept:
+                mark = "  (default)" if cfg == default else ""
+                print(f"  {cfg}  {_fmt_report(rep)}{mark}")
+            if args.verbose:
+                print(f"dropped {len(res.dropped)}" + (":" if res.dropped else ""))
+                for cfg, reasons in res.dropped:
+                    print(f"  {cfg}: {'; '.join(reasons)}")
+            else:
+                print(f"dropped {len(res.dropped)}" + (" (--verbose says why)" if res.dropped
+                                                       else ""))
+            if not res.kept:
+                rc = 1
+                print(f"error: nothing survives for {key}", file=sys.stderr)
+            elif default in configs and default not in res.kept_configs:
+                fallback = res.kept_configs[0] if res.kept else None
+                print(f"note: the heuristic default ({default}) was dropped; the default "
+                      f"falls back to {fallback}")
+        return rc
+
+    from ..autotune.cache import cache_path
+    from ..autotune.tuner import tune_and_store
+    fwd = None
+    for key in keys:
+        try:
+            result = tune_and_store(
+                key, gpu=gpu, capability=cap, batch=args.batch, seq_len=args.seq_len,
+                direction=args.direction, report_fn=report_fn, forward_config=fwd,
+                configs=args.config,
+                progress=True, log=log)
+        except RuntimeError as e:
+            raise CLIError(str(e).splitlines()[0]) from None
+        if key.pass_ == "forward":
+            fwd = result.best
+        n_ok = sum(1 for t in result.timings if "ms" in t)
+        print(f"{key}: timed {n_ok}/{len(result.timings)} configs, dropped "
+              f"{len(result.dropped)} statically")
+        if args.verbose:
+            for t in sorted(result.timings, key=lambda t: t.get("ms", float("inf"))):
+                what = f"{t['ms']:.4f} ms" if "ms" in t else f"failed: {t['error']}"
+                print(f"  {t['config']}: {what}")
+        speed = (f"{result.speedup:.2f}x over the default ({result.default}, "
+                 f"{result.default_ms:.4f} ms)" if result.speedup else
+                 f"the default ({result.default}) could not be timed")
+        print(f"chosen: {result.best}  {result.best_ms:.4f} ms, {speed}")
+    print(f"stored in {cache_path()}")
+    return 0
