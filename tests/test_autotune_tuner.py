@@ -129,6 +129,7 @@ def test_selection_with_injected_timer():
 
     def timer(k, cfg):
         assert k == key
+        assert at._tuning.active  # nested look-ups (the module's launcher) do not tune again
         seen.append(cfg)
         if cfg == failing:
             raise RuntimeError("launch failed")

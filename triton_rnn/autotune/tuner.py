@@ -275,6 +275,21 @@ class ModuleTimer:
             grad_to_none=params if gos is not None else None))
 
 
+def _time_all(key, configs, timer, timings: list, log) -> None:
+    for cfg in configs:
+        try:
+            ms = float(timer(key, cfg))
+            if not math.isfinite(ms) or ms <= 0:
+                raise ValueError(f"timer returned {ms!r}")
+            timings.append({"config": cfg.to_dict(), "ms": ms})
+        except Exception as e:  # noqa: BLE001 - one failing candidate must not end the tuning
+            msg = str(e).strip().splitlines()
+            timings.append({"config": cfg.to_dict(),
+                            "error": f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]})
+            if log is not None:
+                log(f"timing {cfg} failed: {timings[-1]['error']}")
+
+
 def tune(key: KernelKey, timer: Timer, *, report_fn=None, configs=None, progress: bool = False,
          log: Optional[Callable[[str], None]] = None) -> TuneResult:
     """Prune, time every survivor with ``timer`` and pick the fastest.
@@ -297,18 +312,13 @@ def tune(key: KernelKey, timer: Timer, *, report_fn=None, configs=None, progress
         from tqdm import tqdm
         bar = tqdm(kept, desc=f"time {key}", unit="cfg", leave=False)
         it = bar
-    for cfg in it:
-        try:
-            ms = float(timer(key, cfg))
-            if not math.isfinite(ms) or ms <= 0:
-                raise ValueError(f"timer returned {ms!r}")
-            timings.append({"config": cfg.to_dict(), "ms": ms})
-        except Exception as e:  # noqa: BLE001 - one failing candidate must not end the tuning
-            msg = str(e).strip().splitlines()
-            timings.append({"config": cfg.to_dict(),
-                            "error": f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]})
-            if log is not None:
-                log(f"timing {cfg} failed: {timings[-1]['error']}")
+    from . import _tuning  # nested look-ups while timing must not start another tuning
+    was_active = getattr(_tuning, "active", False)
+    _tuning.active = True
+    try:
+        _time_all(key, it, timer, timings, log)
+    finally:
+        _tuning.active = was_active
     if bar is not None:
         bar.close()
     ok = [(t["ms"], i) for i, t in enumerate(timings) if "ms" in t]
