@@ -171,7 +171,7 @@ def test_cli_tune_static_only_real_compiler(tmp_path):
     pytest.importorskip("triton_rnn.kernels.inspect")
     rc, out, err = finish(start(
         ["-m", "triton_rnn.cli", "tune", "--static-only", "--verbose", "--cell", "rnn_tanh",
-         "--hidden", "512", "--batch", "12", "--config", "16,16,8", "--config", "128,16,8"],
+         "--hidden", "512", "--batch", "12", "--config", "16,16,8", "--config", "256,16,4,1"],
         env_for(tmp_path / "cache")))
     assert rc == 0, err[-3000:]
     lines = out.splitlines()
@@ -179,5 +179,5 @@ def test_cli_tune_static_only_real_compiler(tmp_path):
     kept = lines.index("kept 1:")
     assert lines[kept + 1].strip().startswith("block_h=16 block_b=16 num_warps=8")
     dropped = lines.index("dropped 1:")
-    assert "block_h=128" in lines[dropped + 1] and "local memory" in lines[dropped + 1]
+    assert "block_h=256" in lines[dropped + 1] and "shared memory" in lines[dropped + 1]
     assert not (tmp_path / "cache" / C.CACHE_FILENAME).exists()   # static-only stores nothing

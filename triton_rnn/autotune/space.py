@@ -36,7 +36,10 @@ slice fits a block's shared memory, nearest to the default's), two or three ``bl
 it, and 64 for batch buckets of 64 and more),
 ``num_warps`` in {4, 8}, ``num_stages=1`` and, only when the default streams
 ``W_hh`` (``block_k > 0``), ``block_k`` at the default's value, half and double
-it; ordered by closeness to the default and cut at :data:`MAX_CANDIDATES`. It defers to ``triton_rnn.kernels.inspect.candidate_configs``
+it; ordered by closeness to the default and cut at :data:`MAX_CANDIDATES`.
+For ``hidden >= 512`` with a persistent default, up to four streaming tiles
+(``block_k=128``, the default's ``block_h`` and 32, 4 or 8 warps) are added at
+the end: there the per-step ``h`` operand can spill even when the weights fit. It defers to ``triton_rnn.kernels.inspect.candidate_configs``
 when the kernel author provides one. The default config is always a candidate.
 
 Default rule
@@ -295,6 +298,24 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
     return out
 
 
+def _streaming_extras(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
+    """A few weight-streaming tiles for large hidden sizes whose default is persistent.
+
+    At ``hidden >= 512`` the ``[block_b, hidden]`` ``h`` operand of every step can
+    spill even when the weight slice fits (seen: LSTM 1024 bf16 on sm_90), so the
+    streaming variant (``block_k``) is worth a compile.
+    """
+    if getattr(base, "block_k", 0) or key.hidden < 512 or \
+            "block_k" not in KernelConfig.__dataclass_fields__:
+        return []
+    top = _next_pow2(key.hidden)
+    out = []
+    for bh in sorted({base.block_h, 32}):
+        for w in (4, 8):
+            out.append(KernelConfig(min(bh, top), base.block_b, w, 1, 128))
+    return list(dict.fromkeys(out))
+
+
 def candidate_configs(key: KernelKey, default: Optional[KernelConfig] = None) -> List[KernelConfig]:
     """The configs the tuner tries for ``key`` (the default first, then by closeness to it)."""
     base = default or heuristic_config(key)
@@ -306,9 +327,12 @@ def candidate_configs(key: KernelKey, default: Optional[KernelConfig] = None) ->
         fn = None
     if fn is not None:
         configs = list(fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket))
-    if not configs:
-        configs = _own_candidates(key, base)
-    return _preference_order(key, base, [base, *configs])[:MAX_CANDIDATES]
+    if configs:
+        return _preference_order(key, base, [base, *configs])[:MAX_CANDIDATES]
+    extras = _streaming_extras(key, base)
+    own = _preference_order(key, base, [base, *_own_candidates(key, base)])
+    own = own[:MAX_CANDIDATES - len(extras)]
+    return own + [c for c in extras if c not in own]
 
 
 def heuristic_config(key: KernelKey, report_fn: Optional[Callable] = None,

@@ -32,10 +32,10 @@ def _positive(text: str) -> int:
 def _config(text: str):
     from ..kernels.config import KernelConfig
     parts = text.split(",")
-    names = ("block_h", "block_b", "num_warps", "num_stages")
-    if not 3 <= len(parts) <= 4:
+    names = ("block_h", "block_b", "num_warps", "num_stages", "block_k")
+    if not 3 <= len(parts) <= 5:
         raise argparse.ArgumentTypeError(
-            f"expected BLOCK_H,BLOCK_B,NUM_WARPS[,NUM_STAGES], got {text!r}")
+            f"expected BLOCK_H,BLOCK_B,NUM_WARPS[,NUM_STAGES[,BLOCK_K]], got {text!r}")
     try:
         return KernelConfig.from_dict(dict(zip(names, (int(p) for p in parts))))
     except ValueError as e:
@@ -59,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also tune the backward kernel (times forward+backward)")
     p.add_argument("--arch", type=_positive, default=None,
                    help="compute capability as an integer, e.g. 90 (default: the GPU's, else 90)")
-    p.add_argument("--config", type=_config, action="append", metavar="BH,BB,WARPS[,STAGES]",
+    p.add_argument("--config", type=_config, action="append", metavar="BH,BB,WARPS[,STAGES[,BLOCK_K]]",
                    help="try only this tile (repeatable) instead of the built-in candidates")
     p.add_argument("--static-only", action="store_true",
                    help="compile and prune only (no GPU needed); stores nothing")
