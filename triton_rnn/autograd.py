@@ -66,17 +66,18 @@ class RecurrenceFunction(torch.autograd.Function):
         x2 = x.reshape(T * B, I)
         xg = (torch.addmm(fused, x2, w_ih.t()) if fused is not None else x2 @ w_ih.t())
         xg = xg.view(T, B, -1)
-        out, hst, cseq, saved = launch.forward(cell, xg, w_hh.contiguous(), b_hn,
-                                               h0.contiguous(),
-                                               c0.contiguous() if c0 is not None else None,
-                                               bsz, reverse, cfg_f, mode)
+        hbuf, hst, cseq, saved = launch.forward(cell, xg, w_hh.contiguous(), b_hn,
+                                                h0.contiguous(),
+                                                c0.contiguous() if c0 is not None else None,
+                                                lengths, bsz, reverse, cfg_f, mode)
+        out = launch.output_view(hbuf, reverse)
         h_n = hst.to(x.dtype)
         c_n = None
         if cseq is not None:
             last = _last_step(T, B, lengths, reverse, x.device)
             c_n = cseq[last, torch.arange(B, device=x.device)].to(x.dtype)
         ctx.meta = meta
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, out, cseq, saved)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, hbuf, cseq, saved)
         if c_n is None:
             return out, h_n
         return out, h_n, c_n
@@ -93,16 +94,17 @@ class RecurrenceFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout, dh_n, dc_n):
         cell, reverse, lengths, bsz, cfg_f, cfg_b, mode = ctx.meta
-        x, h0, c0, w_ih, w_hh, b_hh, out, cseq, saved = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_hh, hbuf, cseq, saved = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
         H = w_hh.shape[1]
         dev = x.device
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dout = (torch.zeros_like(launch.output_view(hbuf, reverse)) if dout is None
+                else dout.contiguous())
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
         if spec.has_c:
             dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-        dgh, dxn, dhst, dcst = launch.backward(cell, dout, dh_n, dc_n, w_hh.contiguous(), out,
+        dgh, dxn, dhst, dcst = launch.backward(cell, dout, dh_n, dc_n, w_hh.contiguous(), hbuf,
                                                h0.contiguous(),
                                                c0.contiguous() if c0 is not None else None,
                                                cseq, saved, bsz, reverse, cfg_b, mode)
@@ -114,13 +116,11 @@ class RecurrenceFunction(torch.autograd.Function):
         dw_ih = dgx2.t() @ x2 if need[3] else None
         dw_hh = db_ih = db_hh = None
         if need[4]:
-            # h_{t-1} for every step: the output shifted by one step, h0 at each row's first.
-            if reverse:
-                h_prev = torch.cat([out[1:], h0[None]], 0)
-                if lengths is not None:
-                    h_prev[_first_step(T, B, lengths, True, dev), torch.arange(B, device=dev)] = h0
-            else:
-                h_prev = torch.cat([h0[None], out[:-1]], 0)
+            # h_{t-1} for every step; packed reverse rows start at their own last step.
+            h_prev = launch.hidden_before_view(hbuf, reverse)
+            if reverse and lengths is not None:
+                h_prev = h_prev.clone()
+                h_prev[_first_step(T, B, lengths, True, dev), torch.arange(B, device=dev)] = h0
             dw_hh = dgh2.t() @ h_prev.reshape(T * B, H)
         if need[5]:
             db_ih = dgx2.float().sum(0).to(x.dtype)

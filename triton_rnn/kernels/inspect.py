@@ -61,12 +61,12 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
     block_b = max(MIN_DOT, config.block_b)
     split = triton.cdiv(hidden, block_h) > 1
     if pass_ == "forward":
-        ptrs = dict(XG=st, W=st, BHN=st, H0=st, C0=st, OUT=st, HST="*fp32", CSEQ="*fp32",
+        ptrs = dict(XG=st, W=st, BHN=st, H0=st, C0=st, HBUF=st, HST="*fp32", CSEQ="*fp32",
                     SAVED="*fp32", BATCH_SIZES="*i32", BAR="*i32")
         consts = dict(CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
                       HAS_C=spec.has_c, HAS_BHN=spec.separate_bhn)
     else:
-        ptrs = dict(DOUT=st, DHN=st, DCN=st, W=st, OUT=st, H0=st, C0=st, CSEQ="*fp32",
+        ptrs = dict(DOUT=st, DHN=st, DCN=st, W=st, HBUF=st, H0=st, C0=st, CSEQ="*fp32",
                     SAVED="*fp32", DGH=st, DXN=st, DHST="*fp32", DCST="*fp32",
                     BATCH_SIZES="*i32", BAR="*i32")
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,

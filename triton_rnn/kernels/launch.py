@@ -34,15 +34,21 @@ __all__ = [
     "forward",
     "backward",
     "dtype_name",
+    "output_view",
+    "hidden_before_view",
 ]
 
 MODES = ("auto", "persistent", "stepwise")
 
 #: Minimum tile edge of ``tl.dot`` on a GPU.
 MIN_DOT = 16
-#: Weight bytes a program may keep on-chip in the default configs (sm_90 opts
-#: into ~227 KB of shared memory per block; the rest is left for the h tile).
-ONCHIP_WEIGHT_BUDGET = 144 * 1024
+#: Largest weight slice a program keeps on-chip (sm_90 opts into ~227 KB of
+#: shared memory per block; the rest is left for the h tile). Beyond it, the
+#: weights are streamed from L2.
+ONCHIP_WEIGHT_LIMIT = 176 * 1024
+#: Slice size the default configs aim for: larger slices were seen to spill a
+#: few registers on sm_90 (``triton-rnn inspect``).
+ONCHIP_WEIGHT_TARGET = 96 * 1024
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -77,9 +83,9 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     per batch tile holds it (``block_h`` = padded hidden, no barrier). Otherwise
     ``block_h`` is the largest power of two >= 16 whose weight slice
     (``gates * padded_hidden * block_h * itemsize``) fits in
-    :data:`ONCHIP_WEIGHT_BUDGET`. ``block_b`` is 16 (32 for small single-program
+    :data:`ONCHIP_WEIGHT_TARGET`. ``block_b`` is 16 (32 for small single-program
     tiles and batches over 16); 8 warps when the slice exceeds 64 KB, else 4.
-    When even a 16-unit slice exceeds the budget (GRU hidden 2048 in bf16, or
+    When even a 16-unit slice exceeds :data:`ONCHIP_WEIGHT_LIMIT` (GRU hidden 2048 in bf16, or
     hidden 1024+ in fp32), the weights are streamed from L2 every step instead
     (``block_h=32, block_k=128``): still one launch, but not weight-persistent.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
@@ -91,15 +97,15 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     block_k = 0
     if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
         block_h = hp
-    elif per_unit * MIN_DOT > ONCHIP_WEIGHT_BUDGET:
+    elif per_unit * MIN_DOT > ONCHIP_WEIGHT_LIMIT:
         # Beyond on-chip capacity even at the smallest slice: stream W_hh from L2.
         block_h, block_k = 32, 128
     else:
         block_h = MIN_DOT
-        while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_BUDGET:
+        while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
             block_h *= 2
     block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_DOT
-    num_warps = 8 if (per_unit * block_h > 64 * 1024 and not block_k) else 4
+    num_warps = 4
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
                         block_k=block_k)
 
@@ -220,39 +226,63 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
 
 
 def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torch.Tensor],
-            h0: torch.Tensor, c0: Optional[torch.Tensor], batch_sizes: Optional[torch.Tensor],
-            reverse: bool, cfg: KernelConfig, mode: str = "auto"):
+            h0: torch.Tensor, c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+            batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
+            mode: str = "auto"):
     """Run the recurrence of one (layer, direction).
 
-    ``xg [T, B, G*H]`` is the input projection with the fused biases,
-    ``batch_sizes`` (int32, on the device) the live rows per step or ``None``.
-    Returns ``out [T, B, H]`` (storage dtype; zero on padding), ``h_state
-    [B, H]`` fp32 final hidden state per row, ``cseq [T, B, H]`` fp32 cell
-    states (LSTM) or ``None`` and ``saved [T, B, S*H]`` fp32 activations.
+    ``xg [T, B, G*H]`` is the input projection with the fused biases;
+    ``lengths`` (CPU int64, decreasing) and ``batch_sizes`` (int32 on the
+    device: live rows per step) describe packed input, or are ``None``.
+    Returns ``hbuf [T + 1, B, H]`` (storage dtype: the outputs and ``h0``, see
+    :func:`output_view`; zero on padding), ``h_state [B, H]`` fp32 final hidden
+    state per row, ``cseq [T, B, H]`` fp32 cell states (LSTM) or ``None`` and
+    ``saved [T, B, S*H]`` fp32 activations for the backward.
     """
     spec: CellSpec = CELL_SPECS[cell]
     T, B, GH = xg.shape
     H = w_hh.shape[1]
     dev = xg.device
     varlen = batch_sizes is not None
-    out = (torch.zeros if varlen else torch.empty)(T, B, H, dtype=xg.dtype, device=dev)
+    hbuf = (torch.zeros if varlen else torch.empty)(T + 1, B, H, dtype=xg.dtype, device=dev)
+    hbuf[T if reverse else 0] = h0
+    pad_rows = None
+    if varlen and reverse:
+        # A reverse packed row starts at its own last step and reads h0 from the
+        # padding slot just past it; that slot is zeroed again afterwards.
+        pad_rows = torch.nonzero(lengths < T).flatten()
+        slots = lengths[pad_rows].to(dev)
+        pad_rows = pad_rows.to(dev)
+        hbuf[slots, pad_rows] = h0[pad_rows]
     hst = torch.empty(B, H, dtype=torch.float32, device=dev)
     cseq = torch.empty(T, B, H, dtype=torch.float32, device=dev) if spec.has_c else hst
     saved = torch.empty(T, B, spec.saved * H, dtype=torch.float32, device=dev)
     plan = _plan(H, B, cfg, mode)
     dummy = hst
     args = (xg, w_hh, b_hn if b_hn is not None else dummy, h0, c0 if c0 is not None else h0,
-            out, hst, cseq, saved, batch_sizes if varlen else dummy)
+            hbuf, hst, cseq, saved, batch_sizes if varlen else dummy)
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, HP=_padded_k(H),
         BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
-    return out, hst, (cseq if spec.has_c else None), saved
+    if pad_rows is not None:
+        hbuf[slots, pad_rows] = 0
+    return hbuf, hst, (cseq if spec.has_c else None), saved
+
+
+def output_view(hbuf: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The ``[T, B, H]`` outputs inside ``hbuf`` (``h_t`` sits at slot ``t + 1``, or ``t`` in reverse)."""
+    return hbuf[:-1] if reverse else hbuf[1:]
+
+
+def hidden_before_view(hbuf: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``h_{t-1}`` for every step ``t`` (``h0`` at the first step of dense rows)."""
+    return hbuf[1:] if reverse else hbuf[:-1]
 
 
 def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[torch.Tensor],
-             w_hh: torch.Tensor, out: torch.Tensor, h0: torch.Tensor, c0: Optional[torch.Tensor],
+             w_hh: torch.Tensor, hbuf: torch.Tensor, h0: torch.Tensor, c0: Optional[torch.Tensor],
              cseq: Optional[torch.Tensor], saved: torch.Tensor,
              batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
              mode: str = "auto"):
@@ -263,22 +293,22 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
     gradient), and the fp32 elementwise parts of ``dh0``/``dc0`` (``[B, H]``).
     """
     spec: CellSpec = CELL_SPECS[cell]
-    T, B, H = out.shape
-    dev = out.device
+    T, B, H = dout.shape
+    dev = dout.device
     varlen = batch_sizes is not None
     alloc = torch.zeros if varlen else torch.empty
-    dgh = alloc(T, B, spec.gates * H, dtype=out.dtype, device=dev)
-    dxn = alloc(T, B, H, dtype=out.dtype, device=dev) if spec.split_x_grad else None
+    dgh = alloc(T, B, spec.gates * H, dtype=hbuf.dtype, device=dev)
+    dxn = alloc(T, B, H, dtype=hbuf.dtype, device=dev) if spec.split_x_grad else None
     dhst = torch.empty(B, H, dtype=torch.float32, device=dev)
     dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else dhst
     plan = _plan(H, B, cfg, mode)
     dummy = dhst
-    args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, out, h0,
+    args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, hbuf, h0,
             c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
             dxn if dxn is not None else dgh, dhst, dcst, batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         SPLIT_X_GRAD=spec.split_x_grad, HP=_padded_k(H), BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(out.dtype)), dev, f"{cell} backward")
+        DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward")
     return dgh, dxn, dhst, (dcst if spec.has_c else None)

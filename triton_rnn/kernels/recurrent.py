@@ -7,11 +7,11 @@ tiles of ``[HP, BLOCK_H]``) once; the slice stays on-chip for every step.
 Each step, for each of its batch tiles, a program
 
 1. reads the full ``h_{t-1}`` (``[BLOCK_B, HP]``) that all programs wrote to
-   ``OUT`` at the previous step (or ``h0`` at a row's first step),
+   to ``HBUF`` at the previous step (``h0`` sits in an extra slot of it),
 2. computes its recurrent pre-activations with ``tl.dot`` against the on-chip
    weights, adds the precomputed input projection ``XG`` and runs the cell's
    gate function (:mod:`triton_rnn.kernels.cells`),
-3. writes its slice of ``h_t`` to ``OUT``, its fp32 state to ``HST``/``CSEQ``
+3. writes its slice of ``h_t`` to ``HBUF``, its fp32 state to ``HST``/``CSEQ``
    and the activations the backward needs to ``SAVED``.
 
 When the hidden dimension is split across programs (``USE_BARRIER``), a grid
@@ -83,7 +83,7 @@ def _gate_dots(a, w0, w1, w2, w3, NUM_GATES: tl.constexpr, DOT_PRECISION: tl.con
 
 
 @triton.jit
-def _forward_preacts(OUT, H0, W, tp64, r64, from_out, from_h0, offs_n, n_mask, w0, w1, w2, w3,
+def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
                      B, H, NUM_GATES: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """``h_{t-1} @ W_hh_g^T`` for the program's units: on-chip weights, or streamed in K chunks."""
@@ -91,9 +91,10 @@ def _forward_preacts(OUT, H0, W, tp64, r64, from_out, from_h0, offs_n, n_mask, w
         offs_k = tl.arange(0, HP)
         k_mask = offs_k < H
         off = r64[:, None] * H + offs_k[None, :]
-        h = tl.load(OUT + tp64 * B * H + off, mask=from_out[:, None] & k_mask[None, :],
+        # One load of the whole h_{t-1} tile: h0 sits in HBUF's extra slot, so there
+        # is no second (h0) tile to merge, which keeps register pressure down.
+        h = tl.load(HBUF + hp64 * B * H + off, mask=rows_ok[:, None] & k_mask[None, :],
                     other=0.0, cache_modifier=".cg")
-        h += tl.load(H0 + off, mask=from_h0[:, None] & k_mask[None, :], other=0.0)
         return _gate_dots(h, w0, w1, w2, w3, NUM_GATES, DOT_PRECISION)
     else:
         a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
@@ -104,9 +105,8 @@ def _forward_preacts(OUT, H0, W, tp64, r64, from_out, from_h0, offs_n, n_mask, w
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < H
             off = r64[:, None] * H + offs_k[None, :]
-            h = tl.load(OUT + tp64 * B * H + off, mask=from_out[:, None] & k_mask[None, :],
+            h = tl.load(HBUF + hp64 * B * H + off, mask=rows_ok[:, None] & k_mask[None, :],
                         other=0.0, cache_modifier=".cg")
-            h += tl.load(H0 + off, mask=from_h0[:, None] & k_mask[None, :], other=0.0)
             wp = W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
             v0, v1, v2, v3 = _load_gate_tiles(wp, k_mask[:, None] & n_mask[None, :], H * H,
                                               NUM_GATES)
@@ -161,6 +161,15 @@ def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, 
 
 
 @triton.jit
+def _slot(t, REVERSE: tl.constexpr):
+    """Slot of ``h_t`` in ``HBUF`` (int64): ``t + 1`` forward, ``t`` in reverse."""
+    if REVERSE:
+        return t.to(tl.int64)
+    else:
+        return t.to(tl.int64) + 1
+
+
+@triton.jit
 def _step_index(step, T, REVERSE: tl.constexpr):
     """Time index of processing step ``step`` (0-based) for the direction."""
     if REVERSE:
@@ -182,7 +191,7 @@ def _active_rows(BATCH_SIZES, t, valid, B, T, VARLEN: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
 def rnn_forward_kernel(
-    XG, W, BHN, H0, C0, OUT, HST, CSEQ, SAVED, BATCH_SIZES, BAR,
+    XG, W, BHN, H0, C0, HBUF, HST, CSEQ, SAVED, BATCH_SIZES, BAR,
     T, B, H, t_begin, n_steps,
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BHN: tl.constexpr,
@@ -193,7 +202,9 @@ def rnn_forward_kernel(
     """Steps ``t_begin .. t_begin + n_steps - 1`` of one (layer, direction).
 
     Shapes: ``XG [T, B, G*H]`` (input projection with fused biases), ``W [G*H, H]``
-    (``W_hh``), ``BHN [H]``, ``H0/C0 [B, H]``, ``OUT [T, B, H]`` (storage dtype),
+    (``W_hh``), ``BHN [H]``, ``H0/C0 [B, H]``, ``HBUF [T + 1, B, H]`` (storage dtype:
+    ``h_t`` at slot :func:`_slot` ``(t)``, ``h0`` at the slot of ``t = -1`` or ``T``,
+    and, for reverse packed rows, at the padding slot just past each row's end),
     ``HST [B, H]`` fp32 running hidden state, ``CSEQ [T, B, H]`` fp32 cell states,
     ``SAVED [T, B, NUM_SAVED*H]`` fp32, ``BATCH_SIZES [T]`` int32 (live rows per
     step, decreasing), ``BAR [grid_b]`` int32 zeroed barrier counters.
@@ -240,9 +251,8 @@ def rnn_forward_kernel(
                 live = rows < n_live
                 in_b = rows < B
                 from_out = rows < n_prev
-                from_h0 = live & (rows >= n_prev)
-                # Full h_{t-1} (OUT[t-1] where the row was live then, else h0) @ W_hh^T.
-                a0, a1, a2, a3 = _forward_preacts(OUT, H0, W, tp64, r64, from_out, from_h0,
+                # Full h_{t-1} @ W_hh^T (h0 at a row's first step: see HBUF).
+                a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, in_b,
                                                   offs_n, n_mask, w0, w1, w2, w3, B, H,
                                                   NUM_GATES, HP, BLOCK_K, DOT_PRECISION)
 
@@ -263,9 +273,8 @@ def rnn_forward_kernel(
                     x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32),
                     a0, a1, a2, a3, b_hn[None, :], h_prev, c_prev)
 
-                out_m = in_b[:, None] & n_mask[None, :]
-                h = tl.where(live[:, None], h, 0.0)
-                tl.store(OUT + t64 * B * H + own, h.to(OUT.dtype.element_ty), mask=out_m)
+                tl.store(HBUF + _slot(t, REVERSE) * B * H + own, h.to(HBUF.dtype.element_ty),
+                         mask=own_m)
                 tl.store(HST + own, h, mask=own_m)
                 if HAS_C:
                     tl.store(CSEQ + t64 * B * H + own, c, mask=own_m)
@@ -284,7 +293,7 @@ def rnn_forward_kernel(
 
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
 def rnn_backward_kernel(
-    DOUT, DHN, DCN, W, OUT, H0, C0, CSEQ, SAVED, DGH, DXN, DHST, DCST, BATCH_SIZES, BAR,
+    DOUT, DHN, DCN, W, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHST, DCST, BATCH_SIZES, BAR,
     T, B, H, t_begin, n_steps,
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
@@ -360,7 +369,8 @@ def rnn_backward_kernel(
                 sel = from_out[:, None]
                 h_prev = tl.where(
                     sel,
-                    tl.load(OUT + tp64 * B * H + own, mask=own_m & sel, other=0.0).to(tl.float32),
+                    tl.load(HBUF + _slot(t_prev, REVERSE) * B * H + own, mask=own_m & sel,
+                            other=0.0).to(tl.float32),
                     tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
                 c_prev = h_prev
                 c_new = h_prev
