@@ -19,11 +19,13 @@
 * **Input feeding** (``input_feeding=True``, Luong et al. 2015, section 3.3):
   the previous attentional state is concatenated to the next input embedding,
   which forces a step-by-step loop (one RNN call per target token) in training
-  too. Measured on a shared 2-core CPU with the torch backend (dates task,
-  hidden 128, batch 64, forward + backward + Adam step):
-  about 28 ms per step without input feeding and about 45 ms with it (1.6x
-  slower); on a GPU the gap is larger because every step becomes a separate
-  kernel launch plus attention. The dates task does not need it.
+  too. Measured on the dates task (hidden 128, batch 64, 11 target tokens,
+  forward + backward + Adam step, torch backend, one thread of a 2-core CPU
+  shared with other jobs): 95 ms per step without input feeding, 118-132 ms
+  with it (1.25-1.4x slower). On the CPU torch's own RNN also steps through
+  time, so the gap there is only the per-step call overhead; on a GPU it is
+  larger because each target token becomes a separate recurrent-kernel launch
+  plus attention launches. The dates task does not need input feeding.
 
 Inference: :meth:`Seq2Seq.greedy` (batched) and :meth:`Seq2Seq.beam_search`
 (batched, length-normalised). ``beam_search(beam=1)`` returns exactly what

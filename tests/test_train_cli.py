@@ -1,0 +1,112 @@
+"""Smoke tests of ``triton-rnn train`` / ``translate``, resuming, and two-process DDP (CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from triton_rnn.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--train-size", "96", "--val-size", "8", "--test-size", "8", "--batch-size", "16",
+        "--hidden", "16", "--emb", "8", "--no-progress", "--threads", "1"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env.pop("TRITON_RNN_BACKEND", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_then_translate_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "triton_rnn.cli", "train", *TINY, "--steps", "6",
+         "--eval-every", "3", "--out", str(out)],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for want in ("exact match", "token accuracy", "BLEU", "tokens/s", "attention heatmap"):
+        assert want in proc.stdout, proc.stdout
+    for name in ("best.pt", "last.pt", "attention.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["step"] == 6 and len(ck["history"]) == 2 and ck["tokenize"] == "char"
+
+    # translate: arguments, a file, beam search; one line per input.
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("March 3, 2021\n\n3 Mar 2021\n03/03/21\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["translate", "--checkpoint", str(out / "best.pt"), "March 3, 2021",
+                 "Tuesday, March 3rd 2021"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["translate", "--checkpoint", str(out / "best.pt"), "--file", str(inputs),
+                 "--beam", "3", "--show-source"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["March 3, 2021", "3 Mar 2021", "03/03/21"]
+
+    # resume continues from the saved step with the saved data and model.
+    assert main(["train", *TINY, "--steps", "8", "--eval-every", "4", "--out", str(out),
+                 "--resume", "--hidden", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "resuming from" in text and "hidden 16" in text
+    ck2 = torch.load(out / "last.pt", weights_only=True)
+    assert ck2["step"] == 8 and [h["step"] for h in ck2["history"]] == [3, 6, 8]
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    assert main(["translate", "--checkpoint", str(tmp_path / "none.pt"), "x"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("only one field\n", encoding="utf-8")
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "bad.tsv:1" in capsys.readouterr().err
+    assert main(["train", "--hidden", "15", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_word_level_tsv_training(tmp_path, capsys):
+    data = tmp_path / "pairs.tsv"
+    words = ["one", "two", "three", "four", "five", "six"]
+    rows = [f"{a} {b}\t{b} {a}" for a in words for b in words]
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert main(["train", "--data", str(data), "--tokenize", "word", "--val-size", "3",
+                 "--test-size", "3", "--batch-size", "10", "--steps", "3", "--hidden", "16",
+                 "--emb", "8", "--threads", "1", "--no-progress", "--out",
+                 str(tmp_path / "w")]) == 0
+    assert "30 train / 3 val / 3 test" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "w" / "best.pt", weights_only=True)
+    assert ck["tokenize"] == "word" and "three" in ck["src_vocab"]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, capsys):
+    """Same global batch split over two gloo ranks (torchrun): the same updates as one process."""
+    common = [*TINY, "--steps", "4", "--eval-every", "4", "--dropout", "0", "--seed", "3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "triton_rnn.cli", "train",
+         *common, "--out", str(tmp_path / "ddp")],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("exact match") == 1
+    assert main(["train", *common, "--out", str(tmp_path / "one")]) == 0
+    assert "1 process(es)" in capsys.readouterr().out
+    a = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, atol=1e-5, rtol=1e-4, msg=k)
