@@ -140,7 +140,9 @@ def attention_heatmap(model: Seq2Seq, text: str, src_vocab: Vocab, tgt_vocab: Vo
     n = ids.index(model.eos_id) + 1 if model.eos_id in ids else len(ids)
     weights = attn[0, :n, :int(lens[0])].float().cpu().numpy()
     ylabels = [tgt_vocab.itos[i] for i in ids[:n]]
-    xlabels = [repr(t)[1:-1] if t.isspace() else t for t in tokenize(text, mode)] or ["<unk>"]
+    # Spaces are tokens at character level: draw them as a middle dot.
+    xlabels = ["\u00b7" if t == " " else repr(t)[1:-1] if t.isspace() else t
+               for t in tokenize(text, mode)] or ["<unk>"]
     fig, ax = plt.subplots(figsize=(max(4, 0.32 * len(xlabels) + 1.5),
                                     max(3, 0.32 * len(ylabels) + 1.2)))
     im = ax.imshow(weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
