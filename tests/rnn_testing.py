@@ -113,7 +113,7 @@ def _run(module, case, xs, hs):
 
 
 def compare(case: Case, *, dtype=torch.float32, backend="triton", sequence_backend=None,
-            kernel_options=None, seed=0, check_grads=True):
+            kernel_options=None, seed=0, check_grads=True, device="cpu", tolerances=None):
     """Run ``case`` through triton_rnn (``dtype``) and torch.nn (float64) and assert closeness."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -125,16 +125,21 @@ def compare(case: Case, *, dtype=torch.float32, backend="triton", sequence_backe
                              **case.module_kwargs())
     mod = mod.to(dtype)
     mod.load_state_dict(ref.state_dict())
+    ref, mod = ref.to(device), mod.to(device)
     if sequence_backend:
         mod._sequence_backend = sequence_backend
     if kernel_options:
         mod.kernel_options = dict(kernel_options)
     x, hx = make_inputs(case, gen)
+    x = [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
+    if hx is not None:
+        hx = tuple(h.to(device) for h in hx) if isinstance(hx, tuple) else hx.to(device)
     rx, rh = _leaves(x, hx, torch.float64)
     tx, th = _leaves(x, hx, dtype)
     r_out, r_hn = _run(ref, case, rx, rh)
     t_out, t_hn = _run(mod, case, tx, th)
-    tol, gtol = TOLERANCES[dtype], GRAD_TOLERANCES[dtype]
+    tol, gtol = (tolerances or (TOLERANCES, GRAD_TOLERANCES))
+    tol, gtol = tol[dtype], gtol[dtype]
     assert t_out.dtype == dtype and t_out.shape == r_out.shape
     torch.testing.assert_close(t_out.double(), r_out, **tol, msg=lambda m: f"output: {m}")
     for i, (a, b) in enumerate(zip(t_hn, r_hn)):
@@ -143,8 +148,8 @@ def compare(case: Case, *, dtype=torch.float32, backend="triton", sequence_backe
     if not check_grads:
         return
     # Random cotangents on every output, so each gradient path is exercised.
-    weights = [torch.randn(r_out.shape, generator=gen, dtype=torch.float64)] + [
-        torch.randn(h.shape, generator=gen, dtype=torch.float64) for h in r_hn]
+    weights = [torch.randn(r_out.shape, generator=gen, dtype=torch.float64).to(device)] + [
+        torch.randn(h.shape, generator=gen, dtype=torch.float64).to(device) for h in r_hn]
     loss_r = sum((w * o).sum() for w, o in zip(weights, [r_out] + r_hn))
     loss_t = sum((w.to(dtype) * o).sum() for w, o in zip(weights, [t_out] + t_hn))
     loss_r.backward()

@@ -1,0 +1,124 @@
+"""Compiled kernels on a CUDA GPU, at realistic sizes (skipped without one).
+
+Run by whoever has a GPU (``benchmarks/device_check.sh`` runs ``pytest -m gpu``):
+every cell against float64 torch.nn on the same GPU, the split-hidden barrier
+path in one persistent launch, the weight-streaming fallback, packed sequences,
+a long sequence, and a sequence longer than cuDNN's 65,535-step limit.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import triton_rnn
+from rnn_testing import Case, compare
+from triton_rnn.kernels.config import KernelConfig
+
+pytestmark = pytest.mark.gpu
+
+#: Against float64, per storage dtype; fp32 runs with TF32 off (exact IEEE dots).
+GPU_TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
+}
+GPU_GRAD_TOL = {
+    torch.float32: dict(atol=1e-3, rtol=1e-3),
+    torch.float16: dict(atol=6e-2, rtol=6e-2),
+    torch.bfloat16: dict(atol=3e-1, rtol=1e-1),
+}
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _no_fallback():
+    """Turn the launcher's persistent-to-stepwise fallback warning into an error."""
+    warnings.filterwarnings("error", message="triton_rnn: .* cannot run persistently")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind,hidden,batch", [("GRU", 256, 64), ("LSTM", 256, 8),
+                                               ("RNN", 512, 32), ("GRU", 1024, 16),
+                                               ("LSTM", 1024, 64)])
+def test_cells_against_cudnn_float64(kind, hidden, batch, dtype):
+    _no_fallback()
+    case = Case(kind=kind, input_size=hidden, hidden=hidden, bidirectional=True, T=64, B=batch)
+    compare(case, dtype=dtype, device="cuda", seed=hidden + batch,
+            tolerances=(GPU_TOL, GPU_GRAD_TOL))
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_persistent_barrier_equals_stepwise(kind):
+    _no_fallback()
+    torch.manual_seed(0)
+    m = getattr(triton_rnn, kind)(512, 1024, backend="triton").cuda().bfloat16()
+    x = torch.randn(256, 32, 512, device="cuda", dtype=torch.bfloat16)
+    cfg = KernelConfig(block_h=16, block_b=16, num_warps=4)
+    m.kernel_options = {"config": cfg, "backward_config": cfg, "mode": "persistent"}
+    a = m(x)[0]
+    m.kernel_options = {"config": cfg, "backward_config": cfg, "mode": "stepwise"}
+    b = m(x)[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_streamed_weights_hidden_2048():
+    case = Case(kind="GRU", input_size=256, hidden=2048, T=32, B=16)
+    compare(case, dtype=torch.bfloat16, device="cuda", seed=7, tolerances=(GPU_TOL, GPU_GRAD_TOL))
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_packed_sequences(kind):
+    case = Case(kind=kind, input_size=128, hidden=512, layers=2, bidirectional=True, T=40,
+                packed_lengths=(40, 3, 17, 40, 1, 29, 8, 33))
+    compare(case, dtype=torch.float32, device="cuda", seed=9, tolerances=(GPU_TOL, GPU_GRAD_TOL))
+
+
+def test_long_sequence_4096():
+    case = Case(kind="LSTM", input_size=64, hidden=256, T=4096, B=8)
+    compare(case, dtype=torch.float32, device="cuda", seed=10, tolerances=(GPU_TOL, GPU_GRAD_TOL))
+
+
+def test_beyond_cudnn_sequence_limit():
+    """T = 70,000 > 65,535, where cuDNN refuses; compared with float64 torch on the CPU."""
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(16, 64).double()
+    m = triton_rnn.GRU(16, 64, backend="triton")
+    m.load_state_dict(ref.state_dict())
+    x = 0.5 * torch.randn(70_000, 1, 16, dtype=torch.float64)
+    want, h_want = ref(x)
+    got, h_got = m.cuda()(x.float().cuda())
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h_got.double().cpu(), h_want, atol=1e-4, rtol=1e-4)
+
+
+def test_non_coresident_grid_falls_back_and_stays_correct():
+    """A grid that cannot be resident must not hang: it warns and runs stepwise."""
+    torch.manual_seed(0)
+    m = triton_rnn.GRU(64, 4096, backend="triton").cuda().bfloat16()
+    cfg = KernelConfig(block_h=16, block_b=16, num_warps=16, block_k=64)
+    m.kernel_options = {"config": cfg, "mode": "persistent"}
+    x = torch.randn(8, 4, 64, device="cuda", dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got = m(x)[0]
+    m.kernel_options = {"config": cfg, "mode": "stepwise"}
+    torch.testing.assert_close(got, m(x)[0], atol=0, rtol=0)
+
+
+def test_autocast_like_torch():
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(32, 64).cuda()
+    m = triton_rnn.LSTM(32, 64, backend="triton").cuda()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(10, 4, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        a, b = ref(x)[0], m(x)[0]
+    assert a.dtype == b.dtype == torch.float16
+    torch.testing.assert_close(b.float(), a.float(), atol=1e-2, rtol=1e-2)
