@@ -29,40 +29,25 @@ of steps and launches does. They are recorded with each entry for reference.
 
 Candidate tiles
 ---------------
-:func:`candidate_configs` returns a small set (at most 16, usually 8 to 16)
-of :class:`~triton_rnn.kernels.config.KernelConfig`: up to four ``block_h``
-values (powers of two from 16 to the hidden size rounded up whose ``W_hh``
-slice fits a block's shared memory, nearest to the default's), two or three ``block_b`` values (the default's, 32 or 16 beside
-it, and 64 for batch buckets of 64 and more),
-``num_warps`` in {4, 8}, ``num_stages=1`` and, only when the default streams
-``W_hh`` (``block_k > 0``), ``block_k`` at the default's value, half and double
-it; ordered by closeness to the default and cut at :data:`MAX_CANDIDATES`.
-For ``hidden >= 512`` with a persistent default, up to four streaming tiles
-(``block_k=128``, the default's ``block_h`` and 32, 4 or 8 warps) are added at
-the end: there the per-step ``h`` operand can spill even when the weights fit. It defers to ``triton_rnn.kernels.inspect.candidate_configs``
-when the kernel author provides one. The default config is always a candidate.
+:func:`candidate_configs` returns a small set (at most :data:`MAX_CANDIDATES`)
+of :class:`~triton_rnn.kernels.config.KernelConfig` around the default: up to
+four ``block_h`` values (powers of two from 16 to the padded hidden size whose
+``W_hh`` slice fits a block's shared memory, nearest to the default's), two or
+three ``block_b`` values (the default's, 32 or 16 beside it, and 64 for batch
+buckets of 64 and more), ``num_warps`` in {4, 8}, ``num_stages=1`` and, when
+the default streams ``W_hh`` (``block_k > 0``), ``block_k`` at the default's
+value, half and double it; ordered by closeness to the default. For
+``hidden >= 512`` with a persistent default, a few weight-streaming tiles
+(``block_k=128``) are added at the end, so the tuner can compare persistence
+against streaming. The default config is always a candidate.
 
 Default rule
 ------------
-:func:`heuristic_config` is what runs when nothing is cached. It uses the
-kernel author's ``triton_rnn.kernels.launch.default_config`` when that exists,
-and otherwise :func:`rule_config`:
-
-1. ``block_b``: 16 for batch buckets up to 16, 32 up to 32, else 64
-   (``tl.dot`` needs at least 16 rows);
-2. ``block_h``: the whole hidden size (one program, no grid barrier) when all
-   of ``W_hh`` takes at most half of a block's shared memory; otherwise the
-   largest power of two (at least 16) whose ``W_hh`` slice
-   (``gates * hidden * block_h`` elements) fits in half of a block's shared
-   memory and whose grid (``ceil(hidden/block_h) * ceil(batch/block_b)``
-   programs) fits on the SMs, one program per SM; 16 when none does;
-3. ``num_warps``: 8 when ``hidden >= 512`` (the ``[block_b, hidden]`` operand
-   of each step's dot needs the registers of more threads), else 4;
-4. ``num_stages``: 1 (the time loop is sequential; there is nothing to pipeline).
-
-Given a static checker (``report_fn``), :func:`heuristic_config` returns the
-first config in preference order that the checker accepts, so the default is
-always one the static check would keep.
+:func:`heuristic_config` is what runs when nothing is cached: the launcher's
+documented rule, :func:`triton_rnn.kernels.launch.default_config`. Given a
+static checker (``report_fn``), it returns the first config in preference
+order that the checker accepts, so the default is always one the static check
+would keep.
 """
 
 from __future__ import annotations
@@ -71,16 +56,16 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional
 
+from ..functional import CELLS, GATES
 from ..kernels.config import KernelConfig
+from ..kernels.inspect import ARCH_LIMITS
 
 __all__ = [
-    "CELLS", "PASSES", "DTYPES", "GATES", "BATCH_CAP", "ARCH_INFO",
+    "CELLS", "PASSES", "DTYPES", "GATES", "BATCH_CAP",
     "KernelKey", "batch_bucket", "normalize_dtype", "normalize_cell", "arch_info",
-    "candidate_configs", "rule_config", "heuristic_config", "estimated_grid",
+    "candidate_configs", "heuristic_config",
 ]
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-CELLS = tuple(GATES)
 PASSES = ("forward", "backward")
 DTYPES = ("bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {
@@ -96,22 +81,11 @@ MAX_CANDIDATES = 16
 #: Largest batch bucket. Batches above it share this bucket.
 BATCH_CAP = 1024
 
-#: arch -> (number of SMs, shared memory a block can opt into, in bytes).
-#: Only used by the fallback rule; the static check reads the compiler's own limits.
-ARCH_INFO = {
-    70: (80, 98304),
-    75: (40, 65536),
-    80: (108, 166912),
-    86: (84, 101376),
-    89: (128, 101376),
-    90: (132, 232448),
-}
-
-
 def arch_info(arch: int):
     """``(num_sms, max_shared_bytes)`` for ``arch``, the nearest lower known one otherwise."""
-    known = sorted(a for a in ARCH_INFO if a <= arch) or [min(ARCH_INFO)]
-    return ARCH_INFO[known[-1]]
+    known = sorted(a for a in ARCH_LIMITS if a <= arch) or [min(ARCH_LIMITS)]
+    lim = ARCH_LIMITS[known[-1]]
+    return lim["num_sms"], lim["max_smem_block"]
 
 
 def normalize_dtype(dtype) -> str:
@@ -204,50 +178,11 @@ class KernelKey:
         return _ELEM_BYTES[self.dtype]
 
 
-def estimated_grid(hidden: int, batch: int, config: KernelConfig) -> int:
-    """Programs a persistent launch needs, by the fallback rule's model of the kernel."""
-    return math.ceil(hidden / config.block_h) * math.ceil(batch / config.block_b)
+def _default(key: KernelKey) -> KernelConfig:
+    from ..kernels.launch import default_config
 
-
-def _block_b_for(bucket: int) -> int:
-    return 16 if bucket <= 16 else 32 if bucket <= 32 else 64
-
-
-def rule_config(key: KernelKey) -> KernelConfig:
-    """The documented fallback rule (module docstring, "Default rule")."""
-    num_sms, max_smem = arch_info(key.arch)
-    budget = max_smem // 2
-    bb = _block_b_for(key.batch_bucket)
-    top = max(16, _next_pow2(key.hidden))
-
-    def slice_bytes(bh):
-        return key.gates * key.hidden * min(bh, key.hidden) * key.elem_bytes
-
-    if slice_bytes(top) <= budget:
-        bh = top
-    else:
-        bh = 16
-        b = top
-        while b >= 16:
-            cfg = KernelConfig(b, bb)
-            if slice_bytes(b) <= budget and estimated_grid(key.hidden, key.batch_bucket, cfg) <= num_sms:
-                bh = b
-                break
-            b //= 2
-    warps = 8 if key.hidden >= 512 else 4
-    return KernelConfig(block_h=bh, block_b=bb, num_warps=warps, num_stages=1)
-
-
-def _author_default(key: KernelKey) -> Optional[KernelConfig]:
-    try:
-        from ..kernels import launch  # noqa: WPS433 - optional, written by the kernel author
-    except ImportError:
-        return None
-    fn = getattr(launch, "default_config", None)
-    if fn is None:
-        return None
-    num_sms, _ = arch_info(key.arch)
-    return fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket, num_sms=num_sms)
+    return default_config(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket,
+                          num_sms=arch_info(key.arch)[0])
 
 
 def _log2(v: int) -> float:
@@ -258,8 +193,7 @@ def _preference_order(key: KernelKey, base: KernelConfig,
                       configs: Iterable[KernelConfig]) -> List[KernelConfig]:
     """``configs`` sorted by closeness to ``base`` (log2 distance, block_h weighs most)."""
     def dist(c: KernelConfig):
-        k = getattr(c, "block_k", 0)
-        bk = getattr(base, "block_k", 0)
+        k, bk = c.block_k, base.block_k
         k_dist = 0.0 if k == bk else (3.0 if (k == 0) != (bk == 0) else abs(_log2(k) - _log2(bk)))
         return (abs(_log2(c.block_h) - _log2(base.block_h)) * 4
                 + abs(_log2(c.block_b) - _log2(base.block_b)) * 2
@@ -272,7 +206,7 @@ def _preference_order(key: KernelKey, base: KernelConfig,
 def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
     top = max(16, _next_pow2(key.hidden))
     _, max_smem = arch_info(key.arch)
-    streams = bool(getattr(base, "block_k", 0))
+    streams = bool(base.block_k)
     bhs = []
     b = 16
     while b <= top:
@@ -287,7 +221,7 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
     bbs = sorted({base.block_b, other_bb} | ({64} if key.batch_bucket >= 64 else set()))
     # Streaming tiles (block_k > 0) only when the default streams: a persistent tile
     # that the default could not fit on chip would only be compiled to be dropped.
-    bk = getattr(base, "block_k", 0)
+    bk = base.block_k
     ks = [0] if not bk else sorted({bk, max(16, bk // 2), min(top, bk * 2)})
     out = []
     for bh in bhs:
@@ -301,12 +235,10 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
 def _streaming_extras(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
     """A few weight-streaming tiles for large hidden sizes whose default is persistent.
 
-    At ``hidden >= 512`` the ``[block_b, hidden]`` ``h`` operand of every step can
-    spill even when the weight slice fits (seen: LSTM 1024 bf16 on sm_90), so the
-    streaming variant (``block_k``) is worth a compile.
+    Streaming ``W_hh`` from L2 frees shared memory for more programs per SM; at
+    ``hidden >= 512`` that is worth timing against the persistent tiles.
     """
-    if getattr(base, "block_k", 0) or key.hidden < 512 or \
-            "block_k" not in KernelConfig.__dataclass_fields__:
+    if base.block_k or key.hidden < 512:
         return []
     top = _next_pow2(key.hidden)
     out = []
@@ -319,16 +251,6 @@ def _streaming_extras(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
 def candidate_configs(key: KernelKey, default: Optional[KernelConfig] = None) -> List[KernelConfig]:
     """The configs the tuner tries for ``key`` (the default first, then by closeness to it)."""
     base = default or heuristic_config(key)
-    configs = None
-    try:
-        from ..kernels import inspect as kinspect  # noqa: WPS433
-        fn = getattr(kinspect, "candidate_configs", None)
-    except ImportError:
-        fn = None
-    if fn is not None:
-        configs = list(fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket))
-    if configs:
-        return _preference_order(key, base, [base, *configs])[:MAX_CANDIDATES]
     extras = _streaming_extras(key, base)
     own = _preference_order(key, base, [base, *_own_candidates(key, base)])
     own = own[:MAX_CANDIDATES - len(extras)]
@@ -339,19 +261,13 @@ def heuristic_config(key: KernelKey, report_fn: Optional[Callable] = None,
                      accept: Optional[Callable] = None) -> KernelConfig:
     """The config used when nothing is cached for ``key``.
 
-    Without ``report_fn`` this is the kernel author's ``default_config`` (or
-    :func:`rule_config`). With ``report_fn`` (a ``static_report``-like
-    callable) and ``accept`` (``report -> list of reasons``, empty when
-    accepted), it is the first config in preference order that passes the
-    static check; the unchecked default when none does.
+    Without ``report_fn`` this is the launcher's ``default_config``. With
+    ``report_fn`` (a ``static_report``-like callable) and ``accept`` (``report ->
+    list of reasons``, empty when accepted), it is the first config in
+    preference order that passes the static check; the unchecked default when
+    none does.
     """
-    base = None
-    try:
-        base = _author_default(key)
-    except Exception:  # noqa: BLE001 - a broken optional hook must not hide the rule
-        base = None
-    if base is None:
-        base = rule_config(key)
+    base = _default(key)
     if report_fn is None or accept is None:
         return base
     for cfg in candidate_configs(key, base):

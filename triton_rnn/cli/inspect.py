@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--direction", choices=("forward", "reverse"), default="forward",
                    help="time direction (same kernel resources either way)")
     p.add_argument("--backward", action="store_true", help="the backward kernel")
-    p.add_argument("--arch", default="sm_90", help="CUDA architecture, e.g. sm_90 (default)")
+    p.add_argument("--arch", type=parse_arch, default=90,
+                   help="CUDA architecture, e.g. sm_90 (default)")
     p.add_argument("--block-h", type=int, help="force a tile config (with --block-b)")
     p.add_argument("--block-b", type=int)
     p.add_argument("--num-warps", type=int, default=4)
@@ -34,9 +35,10 @@ def add_parser(sub) -> None:
 
 
 def parse_arch(arch: str) -> int:
-    a = arch.lower().removeprefix("sm_").removeprefix("sm")
-    if not a.isdigit():
-        raise CLIError(f"--arch must look like sm_90, got {arch!r}")
+    """``"sm_90"``, ``"sm90"`` or ``"90"`` -> 90 (an argparse ``type``)."""
+    a = str(arch).lower().removeprefix("sm_").removeprefix("sm")
+    if not a.isdigit() or int(a) < 1:
+        raise argparse.ArgumentTypeError(f"must look like sm_90, got {arch!r}")
     return int(a)
 
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(str(e)) from None
     try:
         report = static_report(args.cell, "backward" if args.backward else "forward", args.dtype,
-                               args.hidden, args.batch, config, parse_arch(args.arch))
+                               args.hidden, args.batch, config, args.arch)
     except (RuntimeError, FileNotFoundError) as e:
         raise CLIError(str(e).splitlines()[-1] if str(e) else type(e).__name__) from None
     report["direction"] = args.direction

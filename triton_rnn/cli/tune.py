@@ -14,6 +14,7 @@ import os
 import sys
 
 from . import CLIError
+from .inspect import parse_arch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
@@ -57,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="direction of the timed layer (default uni; not part of the key)")
     p.add_argument("--backward", action="store_true",
                    help="also tune the backward kernel (times forward+backward)")
-    p.add_argument("--arch", type=_positive, default=None,
-                   help="compute capability as an integer, e.g. 90 (default: the GPU's, else 90)")
+    p.add_argument("--arch", type=parse_arch, default=None,
+                   help="CUDA architecture, e.g. sm_90 or 90 (default: the GPU's, else sm_90)")
     p.add_argument("--config", type=_config, action="append", metavar="BH,BB,WARPS[,STAGES[,BLOCK_K]]",
                    help="try only this tile (repeatable) instead of the built-in candidates")
     p.add_argument("--static-only", action="store_true",

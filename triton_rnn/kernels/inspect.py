@@ -28,8 +28,14 @@ from typing import Optional
 
 #: Per-architecture limits used for the occupancy estimate.
 ARCH_LIMITS = {
+    70: dict(num_sms=80, regs_per_sm=65536, smem_per_sm=98304, max_smem_block=98304,
+             threads_per_sm=2048),
+    75: dict(num_sms=40, regs_per_sm=65536, smem_per_sm=65536, max_smem_block=65536,
+             threads_per_sm=1024),
     80: dict(num_sms=108, regs_per_sm=65536, smem_per_sm=167936, max_smem_block=166912,
              threads_per_sm=2048),
+    86: dict(num_sms=84, regs_per_sm=65536, smem_per_sm=102400, max_smem_block=101376,
+             threads_per_sm=1536),
     89: dict(num_sms=128, regs_per_sm=65536, smem_per_sm=102400, max_smem_block=101376,
              threads_per_sm=1536),
     90: dict(num_sms=132, regs_per_sm=65536, smem_per_sm=233472, max_smem_block=232448,
