@@ -10,7 +10,6 @@ GPU tests).
 
 import os
 import random
-import warnings
 
 import pytest
 import torch
@@ -74,9 +73,16 @@ def test_foundation_grid_through_triton(seed):
     rng = random.Random(seed)
     case = random_case(rng, T=rng.choice([2, 3]), B=rng.choice([1, 2]),
                        layers=rng.choice([1, 2]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # proj_size falls back, see README
-        compare(case, dtype=torch.float32, seed=seed)
+    compare(case, dtype=torch.float32, seed=seed)
+
+
+@pytest.mark.parametrize("tiling", ["single", "split"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_projection(poison_empty, tiling, packed):
+    """proj_size: the kernel runs on m = o * tanh(c) with W_hh @ W_hr as its recurrent weight."""
+    case = Case(kind="LSTM", input_size=5, hidden=10, proj=3, bidirectional=True, T=5, B=4,
+                packed_lengths=(3, 5, 1, 4) if packed else ())
+    compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=8)
 
 
 def test_stepwise_equals_persistent():

@@ -17,7 +17,6 @@ and GRU, 1 for RNN), plus ``4 * H`` bytes of fp32 cell state for LSTM.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -54,30 +53,52 @@ def _last_step(T: int, B: int, lengths: Optional[Tensor], reverse: bool, device)
     return _first_step(T, B, lengths, not reverse, device)
 
 
+def _rows_at(t_index: Tensor):
+    """``(t_index, arange(B))``: index one step per row of a ``[T, B, ...]`` tensor."""
+    return t_index, torch.arange(t_index.numel(), device=t_index.device)
+
+
 class RecurrenceFunction(torch.autograd.Function):
-    """One (layer, direction) of a cell; see the module docstring."""
+    """One (layer, direction) of a cell; see the module docstring.
+
+    LSTM projections (``w_hr``, ``h_t = W_hr m_t`` with ``m_t = o * tanh(c_t)``)
+    run on the same kernel: the kernel's recurrent state is ``m`` and its
+    recurrent weight is ``W_hh @ W_hr`` (``[4H, H]``, one matrix product per
+    call), so ``W_hh h_{t-1} = (W_hh W_hr) m_{t-1}``. ``W_hh h0`` is added to the
+    input projection of each row's first step, and the outputs ``h_t = m_t
+    W_hr^T`` are one matrix product after the loop. Each step then does
+    ``4H x H`` instead of ``4H x P`` multiply-adds.
+    """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, meta):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta):
         cell, reverse, lengths, bsz, cfg_f, cfg_b, mode = meta
         T, B, I = x.shape
-        H = w_hh.shape[1]
+        H = w_hh.shape[0] // CELL_SPECS[cell].gates
         fused, b_hn = _fused_bias(cell, b_ih, b_hh, H)
         x2 = x.reshape(T * B, I)
         xg = (torch.addmm(fused, x2, w_ih.t()) if fused is not None else x2 @ w_ih.t())
         xg = xg.view(T, B, -1)
-        hbuf, hst, cseq, saved = launch.forward(cell, xg, w_hh.contiguous(), b_hn,
-                                                h0.contiguous(),
+        w_rec, h0_k = w_hh, h0
+        if w_hr is not None:
+            w_rec = w_hh @ w_hr
+            h0_k = h0.new_zeros(B, H)
+            xg[_rows_at(_first_step(T, B, lengths, reverse, x.device))] += h0 @ w_hh.t()
+        hbuf, hst, cseq, saved = launch.forward(cell, xg, w_rec.contiguous(), b_hn,
+                                                h0_k.contiguous(),
                                                 c0.contiguous() if c0 is not None else None,
                                                 lengths, bsz, reverse, cfg_f, mode)
         out = launch.output_view(hbuf, reverse)
         h_n = hst.to(x.dtype)
+        m_n = h_n
+        if w_hr is not None:
+            out = out @ w_hr.t()
+            h_n = m_n @ w_hr.t()
         c_n = None
         if cseq is not None:
-            last = _last_step(T, B, lengths, reverse, x.device)
-            c_n = cseq[last, torch.arange(B, device=x.device)].to(x.dtype)
+            c_n = cseq[_rows_at(_last_step(T, B, lengths, reverse, x.device))].to(x.dtype)
         ctx.meta = meta
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, hbuf, cseq, saved)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, w_hr, w_rec, m_n, hbuf, cseq, saved)
         if c_n is None:
             return out, h_n
         return out, h_n, c_n
@@ -94,49 +115,58 @@ class RecurrenceFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout, dh_n, dc_n):
         cell, reverse, lengths, bsz, cfg_f, cfg_b, mode = ctx.meta
-        x, h0, c0, w_ih, w_hh, b_hh, hbuf, cseq, saved = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_hh, w_hr, w_rec, m_n, hbuf, cseq, saved = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
-        H = w_hh.shape[1]
+        H = w_rec.shape[1]
         dev = x.device
-        dout = (torch.zeros_like(launch.output_view(hbuf, reverse)) if dout is None
-                else dout.contiguous())
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+        m = launch.output_view(hbuf, reverse)  # the kernel's outputs (h, or m with w_hr)
+        dout = torch.zeros(T, B, h0.shape[1], dtype=x.dtype, device=dev) if dout is None else dout
+        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+        dout_k, dhn_k = dout, dh_n
+        if w_hr is not None:
+            dout_k, dhn_k = dout @ w_hr, dh_n @ w_hr
         if spec.has_c:
             dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-        dgh, dxn, dhst, dcst = launch.backward(cell, dout, dh_n, dc_n, w_hh.contiguous(), hbuf,
-                                               h0.contiguous(),
+        h0_k = h0 if w_hr is None else h0.new_zeros(B, H)
+        dgh, dxn, dhst, dcst = launch.backward(cell, dout_k.contiguous(), dhn_k.contiguous(),
+                                               dc_n, w_rec.contiguous(), hbuf, h0_k.contiguous(),
                                                c0.contiguous() if c0 is not None else None,
                                                cseq, saved, bsz, reverse, cfg_b, mode)
         dgx = dgh if dxn is None else torch.cat([dgh[..., :-H], dxn], dim=-1)
         dgh2, dgx2, x2 = dgh.reshape(T * B, -1), dgx.reshape(T * B, -1), x.reshape(T * B, I)
+        first = _rows_at(_first_step(T, B, lengths, reverse, dev))
+        dg_first = dgh[first]
 
         need = ctx.needs_input_grad
         dx = (dgx2 @ w_ih).view(T, B, I) if need[0] else None
         dw_ih = dgx2.t() @ x2 if need[3] else None
-        dw_hh = db_ih = db_hh = None
-        if need[4]:
-            # h_{t-1} for every step; packed reverse rows start at their own last step.
-            h_prev = launch.hidden_before_view(hbuf, reverse)
+        db_ih = dgx2.float().sum(0).to(x.dtype) if need[5] else None
+        db_hh = dgh2.float().sum(0).to(x.dtype) if need[6] else None
+        dw_hh = dw_hr = None
+        if need[4] or need[7]:
+            # The kernel's state before every step; packed reverse rows start at their own
+            # last step, where it is h0 (or zero: with w_hr, h0 enters through xg).
+            prev = launch.hidden_before_view(hbuf, reverse)
             if reverse and lengths is not None:
-                h_prev = h_prev.clone()
-                h_prev[_first_step(T, B, lengths, True, dev), torch.arange(B, device=dev)] = h0
-            dw_hh = dgh2.t() @ h_prev.reshape(T * B, H)
-        if need[5]:
-            db_ih = dgx2.float().sum(0).to(x.dtype)
-        if need[6]:
-            db_hh = dgh2.float().sum(0).to(x.dtype)
+                prev = prev.clone()
+                prev[first] = h0_k
+            dw_rec = dgh2.t() @ prev.reshape(T * B, H)
+            if w_hr is None:
+                dw_hh = dw_rec
+            else:
+                dw_hh = dw_rec @ w_hr.t() + dg_first.t() @ h0
+                dw_hr = (w_hh.t() @ dw_rec + dout.reshape(T * B, -1).t() @ m.reshape(T * B, H)
+                         + dh_n.t() @ m_n)
         dh0 = dc0 = None
         if need[1]:
-            first = _first_step(T, B, lengths, reverse, dev)
-            dg_first = dgh[first, torch.arange(B, device=dev)]
-            dh0 = (dhst + (dg_first @ w_hh).float()).to(x.dtype)
+            if w_hr is None:
+                dh0 = (dhst + (dg_first @ w_hh).float()).to(x.dtype)
+            else:
+                dh0 = dg_first @ w_hh
         if spec.has_c and need[2]:
             dc0 = dcst.to(x.dtype)
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
-
-
-_proj_warned = False
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
 
 
 def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor,
@@ -150,23 +180,11 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     ``mode`` is ``"auto"``/``"persistent"`` or ``"stepwise"``; ``config`` and
     ``backward_config`` force tile configs (default: tuned cache, then heuristic).
     """
-    if w_hr is not None:
-        # LSTM projections are not in the kernels yet: documented fallback.
-        global _proj_warned
-        if not _proj_warned:
-            _proj_warned = True
-            warnings.warn("triton_rnn: LSTM proj_size is not implemented in the Triton kernels "
-                          "yet; using the PyTorch reference recurrence for it.", RuntimeWarning,
-                          stacklevel=2)
-        from .functional import reference_sequence
-
-        return reference_sequence(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                  reverse=reverse, lengths=lengths)
     T, B, _ = x.shape
-    H = w_hh.shape[1]
+    H = w_hh.shape[0] // CELL_SPECS[cell].gates
     if B == 0:
         # torch returns empty outputs for an empty batch; keep the autograd graph.
-        out = x.new_zeros(T, 0, H) + 0 * x.sum()
+        out = x.new_zeros(T, 0, h0.shape[-1]) + 0 * x.sum()
         return out, h0 + 0 * x.sum(), (c0 + 0 * x.sum()) if c0 is not None else None
     bsz = None
     if lengths is not None:
@@ -176,7 +194,7 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     cfg_f = launch.select_config(cell, "forward", dname, H, B, x.device, config)
     cfg_b = launch.select_config(cell, "backward", dname, H, B, x.device, backward_config)
     meta = (cell, reverse, lengths, bsz, cfg_f, cfg_b, mode)
-    res = RecurrenceFunction.apply(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh, meta)
+    res = RecurrenceFunction.apply(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta)
     if c0 is None:
         return res[0], res[1], None
     return res
