@@ -67,6 +67,19 @@ def _load_gate_tiles(ptrs, mask, stride, NUM_GATES: tl.constexpr):
 
 
 @triton.jit
+def _resident_weights(w_ptrs, mask, H, NUM_GATES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's ``W_hh`` tiles, loaded once before the time loop (placeholders if streamed)."""
+    if BLOCK_K == 0:
+        w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, mask, H * H, NUM_GATES)
+    else:
+        w0 = 0.0
+        w1 = 0.0
+        w2 = 0.0
+        w3 = 0.0
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _gate_dots(a, w0, w1, w2, w3, NUM_GATES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``a @ w_g`` for each gate, accumulated in fp32."""
     d0 = tl.dot(a, w0, input_precision=DOT_PRECISION, out_dtype=tl.float32)
@@ -222,15 +235,9 @@ def rnn_forward_kernel(
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
     # Loaded once, before the time loop (unless streamed: BLOCK_K > 0).
-    w_ptrs = W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
-    if BLOCK_K == 0:
-        w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :], H * H,
-                                          NUM_GATES)
-    else:
-        w0 = 0.0
-        w1 = 0.0
-        w2 = 0.0
-        w3 = 0.0
+    w0, w1, w2, w3 = _resident_weights(
+        W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None],
+        k_mask[:, None] & n_mask[None, :], H, NUM_GATES, BLOCK_K)
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -320,15 +327,9 @@ def rnn_backward_kernel(
     k_mask = offs_k < H
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
-    w_ptrs = W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
-    if BLOCK_K == 0:
-        w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, k_mask[:, None] & n_mask[None, :], H * H,
-                                          NUM_GATES)
-    else:
-        w0 = 0.0
-        w1 = 0.0
-        w2 = 0.0
-        w3 = 0.0
+    w0, w1, w2, w3 = _resident_weights(
+        W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :],
+        k_mask[:, None] & n_mask[None, :], H, NUM_GATES, BLOCK_K)
 
     n_tiles = tl.cdiv(B, BLOCK_B)
     for s in range(n_steps):
