@@ -45,6 +45,17 @@ def test_cell_matches_torch_fp32(poison_empty, kind, nl, tiling):
     compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=3)
 
 
+@pytest.mark.parametrize("tiling", ["single", "split"])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_resident_weights_in_k_chunks(monkeypatch, poison_empty, kind, tiling):
+    """Resident W_hh tiles are kept in K chunks (256 inputs on a GPU); force several here."""
+    from triton_rnn.kernels import launch
+
+    monkeypatch.setattr(launch, "RESIDENT_K_CHUNK", 4)
+    case = Case(kind=kind, input_size=6, hidden=10, bidirectional=True, T=4, B=3)
+    compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=12)
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 def test_packed_unsorted_split_two_layers(poison_empty, kind):
     case = Case(kind=kind, input_size=4, hidden=6, layers=2, bidirectional=True, T=5,

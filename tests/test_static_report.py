@@ -43,6 +43,17 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
         assert r["config"]["block_k"] == 0, f"{where}: weights must stay on-chip"
 
 
+@pytest.mark.parametrize("cell,dtype,hidden", [("gru", "bfloat16", 2048), ("gru", "float32", 1024)])
+def test_largest_persistent_sizes(cell, dtype, hidden):
+    """GRU 2048 in bf16 and 1024 in fp32 keep their weights on-chip (one 16-unit slice each)."""
+    for r in static_reports([dict(cell=cell, pass_=p, dtype=dtype, hidden=hidden, batch=64,
+                                  config=None) for p in ("forward", "backward")]):
+        assert "error" not in r, r.get("error")
+        assert r["config"]["block_k"] == 0 and r["weights_loaded_in_loop"] is False
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0
+        assert r["shared_bytes"] <= r["max_shared_bytes"] and r["co_resident"]
+
+
 def test_streamed_weights_are_detected_in_the_loop():
     """Positive control for the PTX check: a streaming tile does read W_hh every step."""
     (r,) = static_reports([dict(cell="gru", pass_="forward", dtype="bfloat16", hidden=256,

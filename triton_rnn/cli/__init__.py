@@ -16,7 +16,6 @@ from .. import __version__
 
 #: subcommand name -> module that implements it.
 SUBCOMMANDS = {
-    "demo": "triton_rnn.cli.demo",
     "train": "triton_rnn.cli.train",
     "translate": "triton_rnn.cli.translate",
     "inspect": "triton_rnn.cli.inspect",
@@ -30,15 +29,20 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is reported in one line (no usage dump)."""
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="triton-rnn",
         description="Persistent Triton kernels for LSTM, GRU and RNN: tools.")
     parser.add_argument("--version", action="version", version=f"triton-rnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in SUBCOMMANDS.items():
-        if importlib.util.find_spec(modname) is None:
-            continue
+    for modname in SUBCOMMANDS.values():
         importlib.import_module(modname).add_parser(sub)
     return parser
 

@@ -56,7 +56,7 @@ def _tool(name: str) -> str:
 
 def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int):
     from .cells import CELL_SPECS
-    from .launch import MIN_DOT
+    from .launch import MIN_DOT, chunk_k
 
     import triton
 
@@ -78,7 +78,7 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
                       HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad)
     block_k = min(hp, max(MIN_DOT, config.block_k)) if config.block_k else 0
-    consts.update(HP=hp, BLOCK_H=block_h, BLOCK_B=block_b, BLOCK_K=block_k, REVERSE=False, VARLEN=False,
+    consts.update(HP=hp, KC=chunk_k(hp), BLOCK_H=block_h, BLOCK_B=block_b, BLOCK_K=block_k, REVERSE=False, VARLEN=False,
                   USE_BARRIER=split, DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
     sig = dict(ptrs)
     sig.update(T="i32", B="i32", H="i32", t_begin="i32", n_steps="i32")

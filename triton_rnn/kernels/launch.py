@@ -42,13 +42,17 @@ MODES = ("auto", "persistent", "stepwise")
 
 #: Minimum tile edge of ``tl.dot`` on a GPU.
 MIN_DOT = 16
-#: Largest weight slice a program keeps on-chip (sm_90 opts into ~227 KB of
-#: shared memory per block; the rest is left for the h tile). Beyond it, the
-#: weights are streamed from L2.
-ONCHIP_WEIGHT_LIMIT = 176 * 1024
-#: Slice size the default configs aim for: larger slices were seen to spill a
-#: few registers on sm_90 (``triton-rnn inspect``).
+#: Largest weight slice a program keeps on-chip: sm_90 opts into 227 KB of
+#: shared memory per block, and the rest is left for one K chunk of the h tile.
+#: Beyond it, the weights are streamed from L2.
+ONCHIP_WEIGHT_LIMIT = 200 * 1024
+#: Slice size the default configs aim for when several fit: smaller slices
+#: mean more programs, i.e. more SMs working on each step.
 ONCHIP_WEIGHT_TARGET = 96 * 1024
+#: Resident weights are kept as K chunks of this many inputs, so that each
+#: step's dot operands stay small in registers (hidden 1024 spilled on
+#: Triton 3.6 with one [1024, block_h] operand per gate).
+RESIDENT_K_CHUNK = 256
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -75,6 +79,11 @@ def _padded_k(hidden: int) -> int:
     return k if interpreting() else max(MIN_DOT, k)
 
 
+def chunk_k(hp: int) -> int:
+    """K chunk of the resident weight tiles for a padded hidden size ``hp``."""
+    return min(hp, RESIDENT_K_CHUNK)
+
+
 def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
                    num_sms: int = 132) -> KernelConfig:
     """The heuristic tile config used when nothing is tuned.
@@ -83,11 +92,13 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     per batch tile holds it (``block_h`` = padded hidden, no barrier). Otherwise
     ``block_h`` is the largest power of two >= 16 whose weight slice
     (``gates * padded_hidden * block_h * itemsize``) fits in
-    :data:`ONCHIP_WEIGHT_TARGET`. ``block_b`` is 16 (32 for small single-program
-    tiles and batches over 16); 8 warps when the slice exceeds 64 KB, else 4.
-    When even a 16-unit slice exceeds :data:`ONCHIP_WEIGHT_LIMIT` (GRU hidden 2048 in bf16, or
-    hidden 1024+ in fp32), the weights are streamed from L2 every step instead
-    (``block_h=32, block_k=128``): still one launch, but not weight-persistent.
+    :data:`ONCHIP_WEIGHT_TARGET` (16 if none does). ``block_b`` is 16 (32 for
+    small single-program tiles and batches over 16); 8 warps from hidden 1024
+    up (4 spilled a few registers there with Triton 3.6), else 4. When even a
+    16-unit slice exceeds :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 2048 in
+    bf16, GRU hidden 2048 in fp32), the weights are streamed from L2 every step
+    instead (``block_h=32, block_k=128``): still one launch, but not
+    weight-persistent.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
     """
     spec = CELL_SPECS[cell]
@@ -105,7 +116,7 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
         while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
             block_h *= 2
     block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_DOT
-    num_warps = 4
+    num_warps = 8 if hp >= 1024 else 4
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
                         block_k=block_k)
 
@@ -264,6 +275,7 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, HP=_padded_k(H),
+        KC=chunk_k(_padded_k(H)),
         BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
     if pad_rows is not None:
@@ -308,7 +320,8 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
             dxn if dxn is not None else dgh, dhst, dcst, batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
-        SPLIT_X_GRAD=spec.split_x_grad, HP=_padded_k(H), BLOCK_H=plan.block_h,
+        SPLIT_X_GRAD=spec.split_x_grad, HP=_padded_k(H), KC=chunk_k(_padded_k(H)),
+        BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward")
     return dgh, dxn, dhst, (dcst if spec.has_c else None)

@@ -67,110 +67,125 @@ def _load_gate_tiles(ptrs, mask, stride, NUM_GATES: tl.constexpr):
 
 
 @triton.jit
-def _resident_weights(w_ptrs, mask, H, NUM_GATES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The program's ``W_hh`` tiles, loaded once before the time loop (placeholders if streamed)."""
-    if BLOCK_K == 0:
-        w0, w1, w2, w3 = _load_gate_tiles(w_ptrs, mask, H * H, NUM_GATES)
+def _weight_ptrs(W, offs_k, offs_n, H, BY_UNIT: tl.constexpr):
+    """Pointers to gate 0's ``[K, BLOCK_H]`` tile: ``W[n, k]`` (forward) or ``W[k, n]`` (backward)."""
+    if BY_UNIT:
+        return W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
     else:
-        w0 = 0.0
-        w1 = 0.0
-        w2 = 0.0
-        w3 = 0.0
+        return W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
+
+
+@triton.jit
+def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl.constexpr,
+                      HP: tl.constexpr, KC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's ``W_hh`` slice, loaded once before the time loop.
+
+    One tuple per gate of ``HP // KC`` tiles ``[KC, BLOCK_H]`` (K in chunks, so each
+    step's dots keep small register operands); empty tuples when streamed.
+    """
+    w0 = ()
+    w1 = ()
+    w2 = ()
+    w3 = ()
+    if BLOCK_K == 0:
+        for c in tl.static_range(HP // KC):
+            offs_k = c * KC + tl.arange(0, KC)
+            t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, BY_UNIT),
+                                              (offs_k < H)[:, None] & n_mask[None, :], H * H,
+                                              NUM_GATES)
+            w0 = w0 + (t0,)
+            w1 = w1 + (t1,)
+            w2 = w2 + (t2,)
+            w3 = w3 + (t3,)
     return w0, w1, w2, w3
 
 
 @triton.jit
-def _gate_dots(a, w0, w1, w2, w3, NUM_GATES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``a @ w_g`` for each gate, accumulated in fp32."""
-    d0 = tl.dot(a, w0, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-    d1 = d0
-    d2 = d0
-    d3 = d0
-    if NUM_GATES > 1:
-        d1 = tl.dot(a, w1, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-    if NUM_GATES > 2:
-        d2 = tl.dot(a, w2, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-    if NUM_GATES > 3:
-        d3 = tl.dot(a, w3, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-    return d0, d1, d2, d3
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
 
 @triton.jit
 def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
-                     B, H, NUM_GATES: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """``h_{t-1} @ W_hh_g^T`` for the program's units: on-chip weights, or streamed in K chunks."""
+                     B, H, NUM_GATES: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``h_{t-1} @ W_hh_g^T`` for the program's units: on-chip weights, or streamed in K chunks.
+
+    ``h_{t-1}`` is read from ``HBUF`` chunk by chunk (h0 sits in its extra slot,
+    so one load per chunk serves every row).
+    """
+    a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    row = HBUF + hp64 * B * H + r64[:, None] * H
     if BLOCK_K == 0:
-        offs_k = tl.arange(0, HP)
-        k_mask = offs_k < H
-        off = r64[:, None] * H + offs_k[None, :]
-        # One load of the whole h_{t-1} tile: h0 sits in HBUF's extra slot, so there
-        # is no second (h0) tile to merge, which keeps register pressure down.
-        h = tl.load(HBUF + hp64 * B * H + off, mask=rows_ok[:, None] & k_mask[None, :],
-                    other=0.0, cache_modifier=".cg")
-        return _gate_dots(h, w0, w1, w2, w3, NUM_GATES, DOT_PRECISION)
+        for c in tl.static_range(HP // KC):
+            offs_k = c * KC + tl.arange(0, KC)
+            h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < H)[None, :],
+                        other=0.0, cache_modifier=".cg")
+            a0 = _dot(h, w0[c], a0, DOT_PRECISION)
+            if NUM_GATES > 1:
+                a1 = _dot(h, w1[c], a1, DOT_PRECISION)
+            if NUM_GATES > 2:
+                a2 = _dot(h, w2[c], a2, DOT_PRECISION)
+            if NUM_GATES > 3:
+                a3 = _dot(h, w3[c], a3, DOT_PRECISION)
     else:
-        a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
-        a1 = a0
-        a2 = a0
-        a3 = a0
         for k0 in range(0, HP, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < H
-            off = r64[:, None] * H + offs_k[None, :]
-            h = tl.load(HBUF + hp64 * B * H + off, mask=rows_ok[:, None] & k_mask[None, :],
+            h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & k_mask[None, :],
                         other=0.0, cache_modifier=".cg")
-            wp = W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
-            v0, v1, v2, v3 = _load_gate_tiles(wp, k_mask[:, None] & n_mask[None, :], H * H,
+            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, True),
+                                              k_mask[:, None] & n_mask[None, :], H * H,
                                               NUM_GATES)
-            d0, d1, d2, d3 = _gate_dots(h, v0, v1, v2, v3, NUM_GATES, DOT_PRECISION)
-            a0 += d0
+            a0 = _dot(h, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
-                a1 += d1
+                a1 = _dot(h, v1, a1, DOT_PRECISION)
             if NUM_GATES > 2:
-                a2 += d2
+                a2 = _dot(h, v2, a2, DOT_PRECISION)
             if NUM_GATES > 3:
-                a3 += d3
-        return a0, a1, a2, a3
+                a3 = _dot(h, v3, a3, DOT_PRECISION)
+    return a0, a1, a2, a3
 
 
 @triton.jit
 def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, H,
-                 NUM_GATES: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 NUM_GATES: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``sum_g dG_g(t+1) @ W_hh_g[:, units]``: the recurrent part of the program's ``dh_t``."""
-    GH = NUM_GATES * H
+    acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    row = DGH + (tn64 * B + r64)[:, None] * (NUM_GATES * H)
     if BLOCK_K == 0:
-        offs_k = tl.arange(0, HP)
-        dg = DGH + (tn64 * B + r64)[:, None] * GH + offs_k[None, :]
-        m = to_next[:, None] & (offs_k < H)[None, :]
-        # One gate at a time keeps a single [BLOCK_B, HP] gradient tile live.
-        acc = tl.dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0,
-                     input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        if NUM_GATES > 1:
-            acc += tl.dot(tl.load(dg + H, mask=m, other=0.0, cache_modifier=".cg"), w1,
-                          input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        if NUM_GATES > 2:
-            acc += tl.dot(tl.load(dg + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w2,
-                          input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        if NUM_GATES > 3:
-            acc += tl.dot(tl.load(dg + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w3,
-                          input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        return acc
+        for c in tl.static_range(HP // KC):
+            offs_k = c * KC + tl.arange(0, KC)
+            m = to_next[:, None] & (offs_k < H)[None, :]
+            dg = row + offs_k[None, :]
+            # One gate at a time keeps a single gradient tile live.
+            acc = _dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0[c], acc,
+                       DOT_PRECISION)
+            if NUM_GATES > 1:
+                acc = _dot(tl.load(dg + H, mask=m, other=0.0, cache_modifier=".cg"), w1[c], acc,
+                           DOT_PRECISION)
+            if NUM_GATES > 2:
+                acc = _dot(tl.load(dg + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w2[c],
+                           acc, DOT_PRECISION)
+            if NUM_GATES > 3:
+                acc = _dot(tl.load(dg + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w3[c],
+                           acc, DOT_PRECISION)
     else:
-        acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
         for k0 in range(0, HP, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < H
-            dg = DGH + (tn64 * B + r64)[:, None] * GH + offs_k[None, :]
             m = to_next[:, None] & k_mask[None, :]
-            wp = W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
+            wp = _weight_ptrs(W, offs_k, offs_n, H, False)
             wm = k_mask[:, None] & n_mask[None, :]
             for g in tl.static_range(NUM_GATES):
-                acc += tl.dot(tl.load(dg + g * H, mask=m, other=0.0, cache_modifier=".cg"),
-                              tl.load(wp + g * H * H, mask=wm, other=0.0),
-                              input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        return acc
+                acc = _dot(tl.load(row + g * H + offs_k[None, :], mask=m, other=0.0,
+                                   cache_modifier=".cg"),
+                           tl.load(wp + g * H * H, mask=wm, other=0.0), acc, DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -208,7 +223,8 @@ def rnn_forward_kernel(
     T, B, H, t_begin, n_steps,
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BHN: tl.constexpr,
-    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    HP: tl.constexpr, KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -229,15 +245,11 @@ def rnn_forward_kernel(
     GH = NUM_GATES * H
     SH = NUM_SAVED * H
 
-    offs_k = tl.arange(0, HP)
     offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    k_mask = offs_k < H
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
     # Loaded once, before the time loop (unless streamed: BLOCK_K > 0).
-    w0, w1, w2, w3 = _resident_weights(
-        W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None],
-        k_mask[:, None] & n_mask[None, :], H, NUM_GATES, BLOCK_K)
+    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, True, NUM_GATES, HP, KC, BLOCK_K)
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -261,7 +273,7 @@ def rnn_forward_kernel(
                 # Full h_{t-1} @ W_hh^T (h0 at a row's first step: see HBUF).
                 a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, in_b,
                                                   offs_n, n_mask, w0, w1, w2, w3, B, H,
-                                                  NUM_GATES, HP, BLOCK_K, DOT_PRECISION)
+                                                  NUM_GATES, HP, KC, BLOCK_K, DOT_PRECISION)
 
                 own = r64[:, None] * H + offs_n[None, :]
                 own_m = live[:, None] & n_mask[None, :]
@@ -304,7 +316,8 @@ def rnn_backward_kernel(
     T, B, H, t_begin, n_steps,
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
-    HP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    HP: tl.constexpr, KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -322,14 +335,10 @@ def rnn_backward_kernel(
     GH = NUM_GATES * H
     SH = NUM_SAVED * H
 
-    offs_k = tl.arange(0, HP)
     offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    k_mask = offs_k < H
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
-    w0, w1, w2, w3 = _resident_weights(
-        W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :],
-        k_mask[:, None] & n_mask[None, :], H, NUM_GATES, BLOCK_K)
+    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, False, NUM_GATES, HP, KC, BLOCK_K)
 
     n_tiles = tl.cdiv(B, BLOCK_B)
     for s in range(n_steps):
@@ -354,7 +363,7 @@ def rnn_backward_kernel(
                 from_out = rows < n_prev
                 # Recurrent part of dh_t: the later step's gate gradients times W_hh.
                 dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3,
-                                      B, H, NUM_GATES, HP, BLOCK_K, DOT_PRECISION)
+                                      B, H, NUM_GATES, HP, KC, BLOCK_K, DOT_PRECISION)
 
                 own = r64[:, None] * H + offs_n[None, :]
                 own_m = live[:, None] & n_mask[None, :]
