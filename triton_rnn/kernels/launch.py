@@ -215,8 +215,12 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
     if plan.persistent:
         # The grid barrier needs every program resident: bound the grid, launch cooperatively.
         bar = torch.zeros(plan.grid_b, dtype=torch.int32, device=device)
+        # Compile (the same variant the launch below uses) and load it, to read its
+        # registers and shared memory before choosing the grid.
         compiled = kernel.warmup(*full(bar, 0, T), USE_BARRIER=True,
+                                 launch_cooperative_grid=True,
                                  grid=(plan.grid_b, plan.grid_h), **opts)
+        compiled._init_handles()
         fit = _max_resident_programs(compiled, cfg.num_warps, device)
         grid_b = min(plan.grid_b, fit // plan.grid_h)
         if grid_b >= 1:
