@@ -40,11 +40,9 @@ class _TritonRNNMixin:
     _sequence_backend: str = "triton"
 
     def _init_backend(self, backend: Optional[str]) -> None:
-        if backend is not None and backend.lower() not in Fn.MODULE_BACKENDS:
-            raise ValueError(f"backend must be one of {Fn.MODULE_BACKENDS}, got {backend!r}")
-        self._backend = backend
-        #: Extra options for the Triton path (``mode``, ``config``), mainly for tests
-        #: and benchmarks; empty means "let the library choose".
+        self.backend = backend
+        #: Extra options for the Triton path (``mode``, ``config``, ``backward_config``),
+        #: mainly for tests and benchmarks; empty means "let the library choose".
         self.kernel_options: dict = {}
 
     @property
@@ -53,8 +51,10 @@ class _TritonRNNMixin:
         return self._backend or os.environ.get("TRITON_RNN_BACKEND", "auto") or "auto"
 
     @backend.setter
-    def backend(self, value: str) -> None:
-        self._init_backend(value)
+    def backend(self, value: Optional[str]) -> None:
+        if value is not None and value.lower() not in Fn.MODULE_BACKENDS:
+            raise ValueError(f"backend must be one of {Fn.MODULE_BACKENDS}, got {value!r}")
+        self._backend = value
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
