@@ -46,6 +46,15 @@ def poison_empty(monkeypatch):
     return empty
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: much faster for tiny models on a shared 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped, loudly, where there is no CUDA device."""
     if torch.cuda.is_available():

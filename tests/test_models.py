@@ -21,13 +21,7 @@ from triton_rnn.models.training import (collate, load_checkpoint, model_from_che
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one intra-op thread is much faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed=0, B=5, src_vocab=12, tgt_vocab=9, max_src=7, max_tgt=5):
