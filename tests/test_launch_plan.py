@@ -1,0 +1,104 @@
+"""The launcher's choice between one persistent launch and one launch per step.
+
+A grid barrier deadlocks unless every program is resident, so the launcher
+bounds the grid by SM count x occupancy and falls back to stepwise launches when
+that cannot hold or when the driver refuses the cooperative launch. The real
+kernels need a GPU for this; here a recording stand-in plays the kernel.
+"""
+
+import types
+import warnings
+
+import pytest
+import torch
+
+from triton_rnn.kernels import launch
+from triton_rnn.kernels.config import KernelConfig
+
+H100_LIKE = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                                  max_threads_per_multi_processor=2048,
+                                  shared_memory_per_multiprocessor=233472)
+
+
+class FakeKernel:
+    """Records launches; ``refuse`` makes the cooperative launch fail like the driver does."""
+
+    def __init__(self, n_regs=128, shared=100_000, refuse=False):
+        self.launches = []
+        self.compiled = types.SimpleNamespace(n_regs=n_regs, metadata=types.SimpleNamespace(shared=shared),
+                                              _init_handles=lambda: None)
+        self.refuse = refuse
+
+    def warmup(self, *args, grid, **kwargs):
+        return self.compiled
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if kwargs.get("launch_cooperative_grid") and self.refuse:
+                raise RuntimeError("Triton Error [CUDA]: cooperative launch too large")
+            self.launches.append((grid, args[-2], args[-1], kwargs.get("USE_BARRIER"),
+                                  kwargs.get("launch_cooperative_grid", False)))
+        return run
+
+
+@pytest.fixture
+def gpu_props(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: H100_LIKE)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_warned", set())
+
+
+def _run(kernel, hidden, batch, cfg, T=5, mode="auto"):
+    plan = launch._plan(hidden, batch, cfg, mode)
+    launch._launch(kernel, plan, cfg, T, batch, hidden, (), {}, "cpu", "test forward")
+    return plan
+
+
+def test_occupancy_from_registers_shared_memory_and_threads(gpu_props):
+    c = types.SimpleNamespace(n_regs=128, metadata=types.SimpleNamespace(shared=100_000))
+    assert launch._max_resident_programs(c, 4, None) == 132 * 2  # shared memory: 2 per SM
+    c = types.SimpleNamespace(n_regs=255, metadata=types.SimpleNamespace(shared=10_000))
+    assert launch._max_resident_programs(c, 8, None) == 132 * 1  # registers: 1 per SM
+    c = types.SimpleNamespace(n_regs=32, metadata=types.SimpleNamespace(shared=0))
+    assert launch._max_resident_programs(c, 8, None) == 132 * 8  # threads: 8 per SM
+
+
+def test_single_program_tiling_needs_no_barrier(gpu_props):
+    k = FakeKernel()
+    plan = _run(k, hidden=64, batch=40, cfg=KernelConfig(64, 16))
+    assert plan.grid_h == 1 and len(k.launches) == 1
+    grid, t_begin, n_steps, barrier, coop = k.launches[0]
+    assert grid == (3, 1) and (t_begin, n_steps) == (0, 5) and not barrier and not coop
+
+
+def test_split_hidden_is_one_cooperative_launch_with_a_bounded_grid(gpu_props):
+    k = FakeKernel(n_regs=128, shared=100_000)  # 2 programs per SM: 264 resident
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(k, hidden=1024, batch=16 * 20, cfg=KernelConfig(16, 16))
+    assert len(k.launches) == 1
+    (grid_b, grid_h), t_begin, n_steps, barrier, coop = k.launches[0]
+    assert grid_h == 64 and grid_b == 264 // 64 and barrier and coop and n_steps == 5
+
+
+def test_grid_that_cannot_be_resident_falls_back_to_stepwise(gpu_props):
+    k = FakeKernel(n_regs=255, shared=200_000)  # 1 program per SM: 132 < 256 hidden blocks
+    with pytest.warns(RuntimeWarning, match="cannot run persistently.*exceed"):
+        _run(k, hidden=4096, batch=8, cfg=KernelConfig(16, 16, block_k=128), T=3)
+    assert [(l[1], l[2], l[3]) for l in k.launches] == [(0, 1, False), (1, 1, False),
+                                                        (2, 1, False)]
+
+
+def test_refused_cooperative_launch_falls_back_to_stepwise(gpu_props):
+    k = FakeKernel(refuse=True)
+    with pytest.warns(RuntimeWarning, match="cooperative launch failed"):
+        _run(k, hidden=512, batch=4, cfg=KernelConfig(32, 16), T=2)
+    assert [(l[1], l[2], l[4]) for l in k.launches] == [(0, 1, False), (1, 1, False)]
+
+
+def test_stepwise_mode_is_one_launch_per_step(gpu_props):
+    k = FakeKernel()
+    _run(k, hidden=64, batch=4, cfg=KernelConfig(64, 16), T=4, mode="stepwise")
+    assert [l[1] for l in k.launches] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        launch._plan(64, 4, KernelConfig(64, 16), "eager")
