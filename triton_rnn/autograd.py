@@ -12,7 +12,8 @@ large matrix products over them (deterministic, no atomics).
 
 Memory kept for the backward, per token and (layer, direction), besides the
 input and output: ``4 * S * H`` bytes of fp32 activations (``S`` = 4 for LSTM
-and GRU, 1 for RNN), plus ``4 * H`` bytes of fp32 cell state for LSTM.
+and GRU, 1 for RNN), plus ``4 * H`` bytes of fp32 cell state for LSTM. When no
+gradient is needed (inference), the activations are not written at all.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta):
-        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode = meta
+        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad = meta
         T, B, I = x.shape
         H = w_hh.shape[0] // CELL_SPECS[cell].gates
         fused, b_hn = _fused_bias(cell, b_ih, b_hh, H)
@@ -87,7 +88,8 @@ class RecurrenceFunction(torch.autograd.Function):
         hbuf, hst, cseq, saved = launch.forward(cell, xg, w_rec.contiguous(), b_hn,
                                                 h0_k.contiguous(),
                                                 c0.contiguous() if c0 is not None else None,
-                                                lengths, bsz, reverse, cfg_f, mode)
+                                                lengths, bsz, reverse, cfg_f, mode,
+                                                save=needs_grad)
         out = launch.output_view(hbuf, reverse)
         h_n = hst.to(x.dtype)
         m_n = h_n
@@ -114,7 +116,7 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout, dh_n, dc_n):
-        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode = ctx.meta
+        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, _ = ctx.meta
         x, h0, c0, w_ih, w_hh, b_hh, w_hr, w_rec, m_n, hbuf, cseq, saved = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
@@ -193,7 +195,10 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     dname = launch.dtype_name(x.dtype)
     cfg_f = launch.select_config(cell, "forward", dname, H, B, x.device, config)
     cfg_b = launch.select_config(cell, "backward", dname, H, B, x.device, backward_config)
-    meta = (cell, reverse, lengths, bsz, cfg_f, cfg_b, mode)
+    # Inference (no gradient needed) skips writing the activations the backward reads.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    meta = (cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad)
     res = RecurrenceFunction.apply(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta)
     if c0 is None:
         return res[0], res[1], None

@@ -243,7 +243,7 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
 def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torch.Tensor],
             h0: torch.Tensor, c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
             batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
-            mode: str = "auto"):
+            mode: str = "auto", save: bool = True):
     """Run the recurrence of one (layer, direction).
 
     ``xg [T, B, G*H]`` is the input projection with the fused biases;
@@ -252,7 +252,8 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     Returns ``hbuf [T + 1, B, H]`` (storage dtype: the outputs and ``h0``, see
     :func:`output_view`; zero on padding), ``h_state [B, H]`` fp32 final hidden
     state per row, ``cseq [T, B, H]`` fp32 cell states (LSTM) or ``None`` and
-    ``saved [T, B, S*H]`` fp32 activations for the backward.
+    ``saved [T, B, S*H]`` fp32 activations for the backward (not written, and
+    ``None``, when ``save`` is false: inference).
     """
     spec: CellSpec = CELL_SPECS[cell]
     T, B, GH = xg.shape
@@ -271,20 +272,21 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
         hbuf[slots, pad_rows] = h0[pad_rows]
     hst = torch.empty(B, H, dtype=torch.float32, device=dev)
     cseq = torch.empty(T, B, H, dtype=torch.float32, device=dev) if spec.has_c else hst
-    saved = torch.empty(T, B, spec.saved * H, dtype=torch.float32, device=dev)
+    n_saved = spec.saved if save else 0
+    saved = torch.empty(T, B, n_saved * H, dtype=torch.float32, device=dev) if save else hst
     plan = _plan(H, B, cfg, mode)
     dummy = hst
     args = (xg, w_hh, b_hn if b_hn is not None else dummy, h0, c0 if c0 is not None else h0,
             hbuf, hst, cseq, saved, batch_sizes if varlen else dummy)
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
-        CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
+        CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, HP=_padded_k(H),
         KC=chunk_k(_padded_k(H)),
         BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
     if pad_rows is not None:
         hbuf[slots, pad_rows] = 0
-    return hbuf, hst, (cseq if spec.has_c else None), saved
+    return hbuf, hst, (cseq if spec.has_c else None), (saved if save else None)
 
 
 def output_view(hbuf: torch.Tensor, reverse: bool) -> torch.Tensor:

@@ -297,8 +297,10 @@ def rnn_forward_kernel(
                 tl.store(HST + own, h, mask=own_m)
                 if HAS_C:
                     tl.store(CSEQ + t64 * B * H + own, c, mask=own_m)
+                # Activations for the backward (NUM_SAVED is 0 when no gradient is needed).
                 sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
-                tl.store(sv, s0, mask=own_m)
+                if NUM_SAVED > 0:
+                    tl.store(sv, s0, mask=own_m)
                 if NUM_SAVED > 1:
                     tl.store(sv + H, s1, mask=own_m)
                 if NUM_SAVED > 2:
