@@ -154,3 +154,14 @@ def test_inference_skips_saved_activations(monkeypatch, poison_empty, kind):
     b = m(x)[0]
     assert seen[0] is None and seen[1] is not None
     torch.testing.assert_close(a, b.detach(), atol=0, rtol=0)
+
+
+def test_float64_runs_on_torch_with_a_warning():
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(3, 5).double()
+    m = triton_rnn.GRU(3, 5, backend="triton").double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="torch's implementation"):
+        out = m(x)[0]
+    torch.testing.assert_close(out, ref(x)[0], atol=0, rtol=0)

@@ -15,6 +15,7 @@ same. They add one keyword, ``backend``:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -23,7 +24,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional as Fn
 
-__all__ = ["GRU", "LSTM", "RNN"]
+__all__ = ["GRU", "LSTM", "RNN", "KERNEL_DTYPES"]
+
+#: Storage dtypes the Triton kernels take (other dtypes run on torch's implementation).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned: set = set()
 
 
 def _interpreter_requested() -> bool:
@@ -71,6 +76,14 @@ class _TritonRNNMixin:
     def forward(self, input, hx=None):  # noqa: D401 - same contract as torch.nn
         data = input.data if isinstance(input, PackedSequence) else input
         if Fn.resolve_backend(self._backend, data.device) == "torch":
+            return super().forward(input, hx)
+        if self._sequence_backend == "triton" and data.dtype not in KERNEL_DTYPES:
+            # The kernels store fp16, bf16 or fp32; torch serves the rest (float64).
+            if data.is_floating_point() and ("dtype", data.dtype) not in _warned:
+                _warned.add(("dtype", data.dtype))
+                warnings.warn(f"triton_rnn: the Triton kernels take {KERNEL_DTYPES}; running "
+                              f"{data.dtype} with torch's implementation.", RuntimeWarning,
+                              stacklevel=2)
             return super().forward(input, hx)
         if (self._sequence_backend == "triton" and data.device.type != "cuda"
                 and not _interpreter_requested()):
