@@ -18,7 +18,6 @@ import importlib
 import inspect
 import math
 import time
-from collections import Counter
 
 import torch
 from torch import nn

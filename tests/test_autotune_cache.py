@@ -226,10 +226,10 @@ def test_autotune_env_tunes_missing_shape_once(monkeypatch, fake_gpu):
 
 
 def test_launcher_uses_cached_config(fake_gpu):
-    launch = pytest.importorskip("triton_rnn.kernels.launch")
     import torch
-    select = getattr(launch, "select_config", None)
-    assert select is not None, "triton_rnn.kernels.launch.select_config is missing"
+
+    from triton_rnn.kernels import launch
+    select = launch.select_config
     default = launch.default_config("gru", "forward", torch.bfloat16, 256, 24)
     tuned = KernelConfig(block_h=default.block_h // 2 or 16, block_b=32, num_warps=8, num_stages=1)
     assert tuned != default

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from triton_rnn.autotune import cache as C
 from triton_rnn.autotune.space import KernelKey
@@ -168,7 +167,6 @@ def test_cli_commands(tmp_path):
 
 def test_cli_tune_static_only_real_compiler(tmp_path):
     """``--static-only`` with the real compiler (no GPU), same two tiles as the tuner test."""
-    pytest.importorskip("triton_rnn.kernels.inspect")
     rc, out, err = finish(start(
         ["-m", "triton_rnn.cli", "tune", "--static-only", "--verbose", "--cell", "rnn_tanh",
          "--hidden", "512", "--batch", "12", "--config", "16,16,8", "--config", "256,16,4,1"],

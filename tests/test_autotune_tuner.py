@@ -234,7 +234,6 @@ REAL_COMPILE = textwrap.dedent(f"""
 
 def test_static_pruning_with_the_real_compiler(tmp_path):
     """Real ``triton.compile`` for sm_90, in a subprocess without TRITON_INTERPRET."""
-    pytest.importorskip("triton_rnn.kernels.inspect")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_RNN_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-c", REAL_COMPILE], env=env, capture_output=True,

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tqdm")
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COMMON = ["--epochs", "1", "--embed", "8", "--hidden", "8", "--batch-size", "16",
           "--backend", "auto", "--device", "cpu", "--seed", "1"]

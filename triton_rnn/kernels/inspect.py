@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Optional
 
 #: Per-architecture limits used for the occupancy estimate.
 ARCH_LIMITS = {
