@@ -43,9 +43,10 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
         assert r["config"]["block_k"] == 0, f"{where}: weights must stay on-chip"
 
 
-@pytest.mark.parametrize("cell,dtype,hidden", [("gru", "bfloat16", 2048), ("gru", "float32", 1024)])
+@pytest.mark.parametrize("cell,dtype,hidden", [("gru", "bfloat16", 2048), ("gru", "float32", 1024),
+                                               ("lstm", "float32", 1024)])
 def test_largest_persistent_sizes(cell, dtype, hidden):
-    """GRU 2048 in bf16 and 1024 in fp32 keep their weights on-chip (one 16-unit slice each)."""
+    """GRU 2048 in bf16, GRU and LSTM 1024 in fp32 keep their weights on-chip (one slice per SM)."""
     for r in static_reports([dict(cell=cell, pass_=p, dtype=dtype, hidden=hidden, batch=64,
                                   config=None) for p in ("forward", "backward")]):
         assert "error" not in r, r.get("error")

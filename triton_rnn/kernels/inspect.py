@@ -62,8 +62,8 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
     spec = CELL_SPECS[cell]
     st = "*" + _TRITON_TYPES[dtype]
     hp = max(MIN_DOT, triton.next_power_of_2(hidden))
-    block_h = max(MIN_DOT, min(config.block_h, hp))
-    block_b = max(MIN_DOT, config.block_b)
+    block_h = min(config.block_h, hp)
+    block_b = config.block_b
     split = triton.cdiv(hidden, block_h) > 1
     if pass_ == "forward":
         ptrs = dict(XG=st, W=st, BHN=st, H0=st, C0=st, HBUF=st, HST="*fp32", CSEQ="*fp32",

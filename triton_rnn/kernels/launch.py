@@ -40,8 +40,13 @@ __all__ = [
 
 MODES = ("auto", "persistent", "stepwise")
 
-#: Minimum tile edge of ``tl.dot`` on a GPU.
+#: Minimum K of ``tl.dot`` on a GPU for 16- and 32-bit inputs (M and N may be
+#: smaller: Triton pads them for the tensor cores).
 MIN_DOT = 16
+#: Default batch tile: the M of the tensor-core instruction.
+MIN_BLOCK_B = 16
+#: Smallest hidden slice per program the default rule uses.
+MIN_BLOCK_H = 8
 #: Largest weight slice a program keeps on-chip: sm_90 opts into 227 KB of
 #: shared memory per block, and the rest is left for one K chunk of the h tile.
 #: Beyond it, the weights are streamed from L2.
@@ -92,13 +97,14 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     per batch tile holds it (``block_h`` = padded hidden, no barrier). Otherwise
     ``block_h`` is the largest power of two >= 16 whose weight slice
     (``gates * padded_hidden * block_h * itemsize``) fits in
-    :data:`ONCHIP_WEIGHT_TARGET` (16 if none does). ``block_b`` is 16 (32 for
-    small single-program tiles and batches over 16); 8 warps from hidden 1024
-    up (4 spilled a few registers there with Triton 3.6), else 4. When even a
-    16-unit slice exceeds :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 2048 in
-    bf16, GRU hidden 2048 in fp32), the weights are streamed from L2 every step
-    instead (``block_h=32, block_k=128``): still one launch, but not
-    weight-persistent.
+    :data:`ONCHIP_WEIGHT_TARGET`; 16, or 8 when a 16-unit slice exceeds
+    :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 1024 in fp32), if none does.
+    When even that slice exceeds the limit, or the slices outnumber the SMs
+    (one resident program per SM: LSTM hidden 2048 in bf16, GRU hidden 2048 in
+    fp32), the weights are streamed from L2 every step instead (``block_h=32,
+    block_k=128``): still one launch, but not weight-persistent. ``block_b`` is
+    16 (32 for small single-program tiles and batches over 16); 8 warps from
+    hidden 1024 up (4 spilled a few registers there with Triton 3.6), else 4.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
     """
     spec = CELL_SPECS[cell]
@@ -108,14 +114,15 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     block_k = 0
     if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
         block_h = hp
-    elif per_unit * MIN_DOT > ONCHIP_WEIGHT_LIMIT:
-        # Beyond on-chip capacity even at the smallest slice: stream W_hh from L2.
-        block_h, block_k = 32, 128
     else:
-        block_h = MIN_DOT
-        while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
-            block_h *= 2
-    block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_DOT
+        block_h = 16 if per_unit * 16 <= ONCHIP_WEIGHT_LIMIT else MIN_BLOCK_H
+        if per_unit * block_h > ONCHIP_WEIGHT_LIMIT or triton.cdiv(hidden, block_h) > num_sms:
+            # Beyond on-chip capacity (one slice per SM): stream W_hh from L2.
+            block_h, block_k = 32, 128
+        else:
+            while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
+                block_h *= 2
+    block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_BLOCK_B
     num_warps = 8 if hp >= 1024 else 4
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
                         block_k=block_k)
@@ -185,8 +192,7 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str) -> _Plan:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     hp = _padded_k(hidden)
     block_h = min(cfg.block_h, hp)
-    block_b = cfg.block_b if interpreting() else max(cfg.block_b, MIN_DOT)
-    block_h = block_h if interpreting() else max(block_h, MIN_DOT)
+    block_b = cfg.block_b
     block_k = 0 if not cfg.block_k else min(hp, cfg.block_k if interpreting()
                                             else max(cfg.block_k, MIN_DOT))
     grid_h = triton.cdiv(hidden, block_h)
