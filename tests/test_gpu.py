@@ -123,6 +123,25 @@ def test_non_coresident_grid_falls_back_and_stays_correct():
     torch.testing.assert_close(got, m(x)[0], atol=0, rtol=0)
 
 
+def test_new_batch_size_or_length_does_not_recompile():
+    """Batch size and sequence length are runtime arguments: after warm-up, no compile."""
+    import triton
+
+    torch.manual_seed(0)
+    m = triton_rnn.GRU(64, 1024, backend="triton", device="cuda", dtype=torch.bfloat16)
+    m(torch.randn(5, 3, 64, device="cuda", dtype=torch.bfloat16))[0].sum().backward()
+    compiled = []
+    hook = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("key"))
+    try:
+        for T, B in [(9, 37), (1, 1), (200, 130)]:
+            m(torch.randn(T, B, 64, device="cuda", dtype=torch.bfloat16))[0].sum().backward()
+        torch.cuda.synchronize()
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = hook
+    assert compiled == []
+
+
 def test_autocast_like_torch():
     torch.manual_seed(0)
     ref = torch.nn.LSTM(32, 64).cuda()

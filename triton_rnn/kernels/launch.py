@@ -103,8 +103,9 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     (one resident program per SM: LSTM hidden 2048 in bf16, GRU hidden 2048 in
     fp32), the weights are streamed from L2 every step instead (``block_h=32,
     block_k=128``): still one launch, but not weight-persistent. ``block_b`` is
-    16 (32 for small single-program tiles and batches over 16); 8 warps from
-    hidden 1024 up (4 spilled a few registers there with Triton 3.6), else 4.
+    16 whatever the batch (programs loop over batch tiles), so the default never
+    depends on the batch size; 8 warps from hidden 1024 up (4 spilled a few
+    registers there with Triton 3.6), else 4.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
     """
     spec = CELL_SPECS[cell]
@@ -122,7 +123,8 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
         else:
             while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
                 block_h *= 2
-    block_b = 32 if (block_h == hp and hp <= 64 and batch > 16) else MIN_BLOCK_B
+    # The same tile for every batch size: a new batch size never recompiles.
+    block_b = MIN_BLOCK_B
     num_warps = 8 if hp >= 1024 else 4
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
                         block_k=block_k)
