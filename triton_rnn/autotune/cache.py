@@ -57,6 +57,27 @@ class CacheWarning(UserWarning):
     """The cache file was unusable (it has been copied aside and rebuilt)."""
 
 
+def _write_doc_atomically(path: Path, entries: Dict[str, dict]) -> None:
+    """Write a cache document with ``entries`` to ``path``: a temporary file, then a rename."""
+    doc = _empty_doc()
+    doc["entries"] = dict(sorted(entries.items()))
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
+                               dir=str(path.parent) if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 class CacheFormatError(ValueError):
     """A cache document or entry does not follow the schema."""
 
@@ -204,24 +225,8 @@ class TuneCache:
         return FileLock(str(self.lock_path), timeout=LOCK_TIMEOUT_S)
 
     def _write(self, entries: Dict[str, dict]) -> None:
-        doc = _empty_doc()
-        doc["entries"] = dict(sorted(entries.items()))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
-                                   dir=str(self.path.parent))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        _write_doc_atomically(self.path, entries)
 
     def _copy_aside(self) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -319,22 +324,7 @@ class TuneCache:
     def export(self, dest) -> int:
         """Write the valid entries as a cache document to ``dest``; returns the count."""
         entries = self.load()
-        doc = _empty_doc()
-        doc["entries"] = dict(sorted(entries.items()))
-        dest = Path(dest)
-        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp",
-                                   dir=str(dest.parent) if str(dest.parent) else ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        _write_doc_atomically(Path(dest), entries)
         return len(entries)
 
     def import_file(self, src) -> dict:
