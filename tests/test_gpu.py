@@ -53,6 +53,7 @@ def _no_fallback():
     ("LSTM", 256, 8, torch.float32, False),
     ("GRU", 1024, 8, torch.float32, False),
     ("LSTM", 1024, 4, torch.float32, False),
+    ("GRU", 768, 24, torch.bfloat16, False),  # three K chunks, a partial batch tile
 ])
 def test_cells_against_cudnn_float64(kind, hidden, batch, dtype, bidirectional):
     _no_fallback()

@@ -102,3 +102,21 @@ def test_stepwise_mode_is_one_launch_per_step(gpu_props):
     assert [l[1] for l in k.launches] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="mode must be one of"):
         launch._plan(64, 4, KernelConfig(64, 16), "eager")
+
+
+@pytest.mark.parametrize("hidden,gpu,expected", [
+    (10, True, (16, 1)), (10, False, (16, 1)), (5, False, (8, 1)), (100, True, (128, 1)),
+    (256, True, (256, 1)), (300, True, (256, 2)), (768, True, (256, 3)),
+    (1536, True, (256, 6)), (2048, True, (256, 8)), (4, True, (16, 1)), (4, False, (4, 1))])
+def test_k_tiling_pads_to_whole_chunks_not_powers_of_two(hidden, gpu, expected):
+    """Hidden 1536 keeps six 256-input chunks of W_hh on-chip, not eight (2048's)."""
+    assert launch.k_tiling(hidden, gpu=gpu) == expected
+    kc, n = expected
+    assert kc & (kc - 1) == 0 and kc * n >= hidden and kc * (n - 1) < hidden
+
+
+def test_default_slice_size_counts_chunk_padding_only():
+    """LSTM 1536 bf16: a 16-unit slice of 6 chunks (192 KB) stays on-chip; 8 chunks would not."""
+    cfg = launch.default_config("lstm", "forward", torch.bfloat16, 1536, 32)
+    assert cfg.block_k == 0 and cfg.block_h == 16
+    assert 4 * launch.padded_k(1536, gpu=True) * 16 * 2 <= launch.ONCHIP_WEIGHT_LIMIT

@@ -44,9 +44,13 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
 
 
 @pytest.mark.parametrize("cell,dtype,hidden", [("gru", "bfloat16", 2048), ("gru", "float32", 1024),
-                                               ("lstm", "float32", 1024)])
+                                               ("lstm", "float32", 1024),
+                                               ("lstm", "bfloat16", 1536)])
 def test_largest_persistent_sizes(cell, dtype, hidden):
-    """GRU 2048 in bf16, GRU and LSTM 1024 in fp32 keep their weights on-chip (one slice per SM)."""
+    """GRU 2048 and LSTM 1536 in bf16, GRU and LSTM 1024 in fp32 keep their weights on-chip.
+
+    One slice per SM. LSTM 1536 fits because K pads to six 256-input chunks, not to 2048.
+    """
     for r in static_reports([dict(cell=cell, pass_=p, dtype=dtype, hidden=hidden, batch=64,
                                   config=None) for p in ("forward", "backward")]):
         assert "error" not in r, r.get("error")
@@ -93,3 +97,13 @@ def test_inspect_cli_prints_json():
     bad = subprocess.run([sys.executable, "-m", "triton_rnn.cli", "inspect", "--hidden", "64",
                           "--arch", "volta"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--arch" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_non_power_of_two_hidden_pays_only_for_its_chunks():
+    """GRU 1536 holds 6/8 of GRU 2048's weight slice (same 16-unit tile), in shared memory."""
+    r1536, r2048 = static_reports([dict(cell="gru", pass_="forward", dtype="bfloat16", hidden=h,
+                                        batch=16, config=None) for h in (1536, 2048)])
+    assert r1536["config"] == r2048["config"] and r1536["config"]["block_k"] == 0
+    assert r1536["weights_loaded_in_loop"] is False and r1536["local_bytes"] == 0
+    assert r1536["shared_bytes"] < r2048["shared_bytes"]
+    assert r1536["programs"] == 96 and r2048["programs"] == 128

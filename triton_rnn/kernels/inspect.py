@@ -55,16 +55,12 @@ def _tool(name: str) -> str:
 
 def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int):
     from .cells import CELL_SPECS
-    from .launch import MIN_DOT, chunk_k
-
-    import triton
+    from .launch import _plan, k_tiling
 
     spec = CELL_SPECS[cell]
     st = "*" + _TRITON_TYPES[dtype]
-    hp = max(MIN_DOT, triton.next_power_of_2(hidden))
-    block_h = min(config.block_h, hp)
-    block_b = config.block_b
-    split = triton.cdiv(hidden, block_h) > 1
+    plan = _plan(hidden, config.block_b, config, "persistent", gpu=True)
+    block_h, block_b, split = plan.block_h, plan.block_b, plan.use_barrier
     if pass_ == "forward":
         ptrs = dict(XG=st, W=st, BHN=st, H0=st, C0=st, HBUF=st, HST="*fp32", CSEQ="*fp32",
                     SAVED="*fp32", BATCH_SIZES="*i32", BAR="*i32")
@@ -76,9 +72,10 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
                     BATCH_SIZES="*i32", BAR="*i32")
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
                       HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad)
-    block_k = min(hp, max(MIN_DOT, config.block_k)) if config.block_k else 0
-    consts.update(HP=hp, KC=chunk_k(hp), BLOCK_H=block_h, BLOCK_B=block_b, BLOCK_K=block_k, REVERSE=False, VARLEN=False,
-                  USE_BARRIER=split, DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
+    kc, num_kc = k_tiling(hidden, gpu=True)
+    consts.update(KC=kc, NUM_KC=num_kc, BLOCK_H=block_h, BLOCK_B=block_b, BLOCK_K=plan.block_k,
+                  REVERSE=False, VARLEN=False, USE_BARRIER=split,
+                  DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
     sig = dict(ptrs)
     sig.update(T="i32", B="i32", H="i32", t_begin="i32", n_steps="i32")
     sig.update({k: "constexpr" for k in consts})
@@ -87,7 +84,7 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
     attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in ptrs}
     if hidden % 16 == 0:
         attrs[(kernel.arg_names.index("H"),)] = [["tt.divisibility", 16]]
-    grid_h = triton.cdiv(hidden, block_h)
+    grid_h = plan.grid_h
     return sig, consts, attrs, grid_h, block_h, block_b
 
 

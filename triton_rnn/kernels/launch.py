@@ -79,14 +79,27 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _padded_k(hidden: int) -> int:
-    k = triton.next_power_of_2(hidden)
-    return k if interpreting() else max(MIN_DOT, k)
+def k_tiling(hidden: int, gpu: Optional[bool] = None) -> tuple:
+    """``(KC, NUM_KC)``: the recurrent dots' K (= hidden) in ``NUM_KC`` chunks of ``KC``.
+
+    ``KC`` is a power of two (an ``arange`` size): the padded hidden size up to
+    :data:`RESIDENT_K_CHUNK`, at least :data:`MIN_DOT` on a GPU. Larger hidden
+    sizes pad only to a whole number of chunks, not to the next power of two:
+    hidden 1536 holds six chunks of 256 on-chip, not eight.
+    """
+    if gpu is None:
+        gpu = not interpreting()
+    kp2 = triton.next_power_of_2(hidden)
+    if gpu:
+        kp2 = max(MIN_DOT, kp2)
+    kc = min(kp2, RESIDENT_K_CHUNK)
+    return kc, triton.cdiv(hidden, kc)
 
 
-def chunk_k(hp: int) -> int:
-    """K chunk of the resident weight tiles for a padded hidden size ``hp``."""
-    return min(hp, RESIDENT_K_CHUNK)
+def padded_k(hidden: int, gpu: Optional[bool] = None) -> int:
+    """Hidden size padded to whole K chunks: the K extent of the on-chip weight slice."""
+    kc, n = k_tiling(hidden, gpu)
+    return kc * n
 
 
 def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
@@ -96,7 +109,7 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     Rule: if all of ``W_hh`` fits in :data:`SINGLE_PROGRAM_BUDGET`, one program
     per batch tile holds it (``block_h`` = padded hidden, no barrier). Otherwise
     ``block_h`` is the largest power of two >= 16 whose weight slice
-    (``gates * padded_hidden * block_h * itemsize``) fits in
+    (``gates * padded_k * block_h * itemsize``, :func:`padded_k`) fits in
     :data:`ONCHIP_WEIGHT_TARGET`; 16, or 8 when a 16-unit slice exceeds
     :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 1024 in fp32), if none does.
     When even that slice exceeds the limit, or the slices outnumber the SMs
@@ -110,8 +123,8 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     """
     spec = CELL_SPECS[cell]
     itemsize = torch.empty((), dtype=_as_dtype(dtype)).element_size()
-    hp = max(MIN_DOT, triton.next_power_of_2(hidden))
-    per_unit = spec.gates * hp * itemsize
+    hp = max(MIN_DOT, triton.next_power_of_2(hidden))  # block_h is an arange size
+    per_unit = spec.gates * padded_k(hidden, gpu=True) * itemsize
     block_k = 0
     if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
         block_h = hp
@@ -189,17 +202,23 @@ def _max_resident_programs(compiled, num_warps: int, device) -> int:
     return per_sm * props.multi_processor_count
 
 
-def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str) -> _Plan:
+def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
+          gpu: Optional[bool] = None) -> _Plan:
+    """Tiles and grid of a launch; ``gpu`` (default: not interpreting) applies the dot minima."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    hp = _padded_k(hidden)
+    if gpu is None:
+        gpu = not interpreting()
+    hp = triton.next_power_of_2(hidden)
+    if gpu:
+        hp = max(MIN_DOT, hp)
     block_h = min(cfg.block_h, hp)
     block_b = cfg.block_b
-    block_k = 0 if not cfg.block_k else min(hp, cfg.block_k if interpreting()
-                                            else max(cfg.block_k, MIN_DOT))
+    block_k = 0 if not cfg.block_k else min(hp, max(cfg.block_k, MIN_DOT) if gpu
+                                            else cfg.block_k)
     grid_h = triton.cdiv(hidden, block_h)
     tiles = triton.cdiv(batch, block_b)
-    stepwise = mode == "stepwise" or (grid_h > 1 and interpreting())
+    stepwise = mode == "stepwise" or (grid_h > 1 and not gpu)
     return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b, block_k=block_k,
                  persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1))
 
@@ -288,8 +307,8 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
             hbuf, hst, cseq, saved, batch_sizes if varlen else dummy)
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
-        HAS_BHN=spec.separate_bhn and b_hn is not None, HP=_padded_k(H),
-        KC=chunk_k(_padded_k(H)),
+        HAS_BHN=spec.separate_bhn and b_hn is not None, KC=k_tiling(H)[0],
+        NUM_KC=k_tiling(H)[1],
         BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
     if pad_rows is not None:
@@ -334,7 +353,7 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
             dxn if dxn is not None else dgh, dhst, dcst, batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
-        SPLIT_X_GRAD=spec.split_x_grad, HP=_padded_k(H), KC=chunk_k(_padded_k(H)),
+        SPLIT_X_GRAD=spec.split_x_grad, KC=k_tiling(H)[0], NUM_KC=k_tiling(H)[1],
         BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward")

@@ -2,12 +2,13 @@
 
 One program owns ``BLOCK_H`` hidden units (all gates of them) and a group of
 batch tiles. Before the time loop it loads its slice of ``W_hh`` (``NUM_GATES``
-tiles of ``[HP, BLOCK_H]``) once; the slice stays on-chip for every step.
+tiles of ``[H, BLOCK_H]``, in ``NUM_KC`` chunks of ``KC`` inputs) once; the
+slice stays on-chip for every step.
 
 Each step, for each of its batch tiles, a program
 
-1. reads the full ``h_{t-1}`` (``[BLOCK_B, HP]``) that all programs wrote to
-   to ``HBUF`` at the previous step (``h0`` sits in an extra slot of it),
+1. reads the full ``h_{t-1}`` (``[BLOCK_B, H]``, chunk by chunk) that all programs
+   wrote to ``HBUF`` at the previous step (``h0`` sits in an extra slot of it),
 2. computes its recurrent pre-activations with ``tl.dot`` against the on-chip
    weights, adds the precomputed input projection ``XG`` and runs the cell's
    gate function (:mod:`triton_rnn.kernels.cells`),
@@ -77,10 +78,10 @@ def _weight_ptrs(W, offs_k, offs_n, H, BY_UNIT: tl.constexpr):
 
 @triton.jit
 def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl.constexpr,
-                      HP: tl.constexpr, KC: tl.constexpr, BLOCK_K: tl.constexpr):
+                      KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_K: tl.constexpr):
     """The program's ``W_hh`` slice, loaded once before the time loop.
 
-    One tuple per gate of ``HP // KC`` tiles ``[KC, BLOCK_H]`` (K in chunks, so each
+    One tuple per gate of ``NUM_KC`` tiles ``[KC, BLOCK_H]`` (K in chunks, so each
     step's dots keep small register operands); empty tuples when streamed.
     """
     w0 = ()
@@ -88,7 +89,7 @@ def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl
     w2 = ()
     w3 = ()
     if BLOCK_K == 0:
-        for c in tl.static_range(HP // KC):
+        for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
             t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, BY_UNIT),
                                               (offs_k < H)[:, None] & n_mask[None, :], H * H,
@@ -107,7 +108,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
-                     B, H, NUM_GATES: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr,
+                     B, H, NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``h_{t-1} @ W_hh_g^T`` for the program's units: on-chip weights, or streamed in K chunks.
 
@@ -120,7 +121,7 @@ def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3
     a3 = a0
     row = HBUF + hp64 * B * H + r64[:, None] * H
     if BLOCK_K == 0:
-        for c in tl.static_range(HP // KC):
+        for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
             h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < H)[None, :],
                         other=0.0, cache_modifier=".cg")
@@ -132,7 +133,7 @@ def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3
             if NUM_GATES > 3:
                 a3 = _dot(h, w3[c], a3, DOT_PRECISION)
     else:
-        for k0 in range(0, HP, BLOCK_K):
+        for k0 in range(0, NUM_KC * KC, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < H
             h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & k_mask[None, :],
@@ -152,13 +153,13 @@ def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3
 
 @triton.jit
 def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, H,
-                 NUM_GATES: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr,
+                 NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``sum_g dG_g(t+1) @ W_hh_g[:, units]``: the recurrent part of the program's ``dh_t``."""
     acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     row = DGH + (tn64 * B + r64)[:, None] * (NUM_GATES * H)
     if BLOCK_K == 0:
-        for c in tl.static_range(HP // KC):
+        for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
             m = to_next[:, None] & (offs_k < H)[None, :]
             dg = row + offs_k[None, :]
@@ -175,7 +176,7 @@ def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, 
                 acc = _dot(tl.load(dg + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w3[c],
                            acc, DOT_PRECISION)
     else:
-        for k0 in range(0, HP, BLOCK_K):
+        for k0 in range(0, NUM_KC * KC, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < H
             m = to_next[:, None] & k_mask[None, :]
@@ -223,7 +224,7 @@ def rnn_forward_kernel(
     T, B, H, t_begin, n_steps,
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BHN: tl.constexpr,
-    HP: tl.constexpr, KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -249,7 +250,8 @@ def rnn_forward_kernel(
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
     # Loaded once, before the time loop (unless streamed: BLOCK_K > 0).
-    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, True, NUM_GATES, HP, KC, BLOCK_K)
+    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, True, NUM_GATES, KC, NUM_KC,
+                                    BLOCK_K)
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -273,7 +275,7 @@ def rnn_forward_kernel(
                 # Full h_{t-1} @ W_hh^T (h0 at a row's first step: see HBUF).
                 a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, in_b,
                                                   offs_n, n_mask, w0, w1, w2, w3, B, H,
-                                                  NUM_GATES, HP, KC, BLOCK_K, DOT_PRECISION)
+                                                  NUM_GATES, KC, NUM_KC, BLOCK_K, DOT_PRECISION)
 
                 own = r64[:, None] * H + offs_n[None, :]
                 own_m = live[:, None] & n_mask[None, :]
@@ -318,7 +320,7 @@ def rnn_backward_kernel(
     T, B, H, t_begin, n_steps,
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
-    HP: tl.constexpr, KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -340,7 +342,8 @@ def rnn_backward_kernel(
     offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
-    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, False, NUM_GATES, HP, KC, BLOCK_K)
+    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, False, NUM_GATES, KC, NUM_KC,
+                                    BLOCK_K)
 
     n_tiles = tl.cdiv(B, BLOCK_B)
     for s in range(n_steps):
@@ -365,7 +368,7 @@ def rnn_backward_kernel(
                 from_out = rows < n_prev
                 # Recurrent part of dh_t: the later step's gate gradients times W_hh.
                 dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3,
-                                      B, H, NUM_GATES, HP, KC, BLOCK_K, DOT_PRECISION)
+                                      B, H, NUM_GATES, KC, NUM_KC, BLOCK_K, DOT_PRECISION)
 
                 own = r64[:, None] * H + offs_n[None, :]
                 own_m = live[:, None] & n_mask[None, :]
