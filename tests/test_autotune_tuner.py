@@ -148,7 +148,11 @@ def test_selection_with_injected_timer():
 
     res = tuner.tune(key, timer, report_fn=fake_reports({c: {"registers": 300} for c in dropped}))
     kept = [c for c in cands if c not in dropped]
-    assert seen == kept                      # every survivor timed, nothing dropped was run
+    n = len(kept)
+    assert seen[:n] == kept                  # every survivor timed, nothing dropped was run
+    # then the challenger is confirmed against the default, alternating who goes first
+    assert seen[n:] == [default, fastest, fastest, default, default, fastest]
+    assert res.confirm["accepted"] and len(res.confirm["challenger_ms"]) == 4
     assert res.best == fastest and res.best_ms == 0.25
     assert res.default == default and res.default_ms == times[default]
     assert res.speedup == pytest.approx(times[default] / 0.25)
@@ -156,6 +160,56 @@ def test_selection_with_injected_timer():
     assert [t["config"] for t in res.timings] == [c.to_dict() for c in kept]
     assert "error" in res.timings[kept.index(failing)]
     assert {KernelConfig.from_dict(c.to_dict()) for c, _ in res.dropped} == set(dropped)
+
+
+def test_a_lucky_first_timing_does_not_replace_the_default():
+    """Noise: the challenger won its first timing but is no faster when timed again."""
+    key = KernelKey.for_shape("gru", "forward", "bfloat16", 1024, 32)
+    default = space.heuristic_config(key)
+    cands = space.candidate_configs(key, default)
+    lucky = cands[1]
+    calls = {c: 0 for c in cands}
+
+    def timer(k, cfg):
+        calls[cfg] += 1
+        if cfg == lucky:
+            return 0.80 if calls[cfg] == 1 else 1.02
+        return 1.0 if cfg == default else 1.5
+
+    lines = []
+    res = tuner.tune(key, timer, report_fn=fake_reports({}), log=lines.append)
+    assert res.best == default and res.speedup == 1.0
+    assert res.confirm["accepted"] is False and res.confirm["challenger"] == lucky.to_dict()
+    assert any("default kept" in ln for ln in lines)
+    # All first-round timings are still recorded, the lucky one included.
+    assert [t["ms"] for t in res.timings if t["config"] == lucky.to_dict()] == [0.80]
+
+
+@pytest.mark.parametrize("gain,switch", [(0.30, True), (0.01, False)])
+def test_a_challenger_must_beat_the_default_by_the_minimum_gain(gain, switch):
+    key = KernelKey.for_shape("lstm", "backward", "bfloat16", 512, 64)
+    default = space.heuristic_config(key)
+    other = space.candidate_configs(key, default)[2]
+    res = tuner.tune(key, lambda k, c: 1.0 - gain if c == other else 1.0,
+                     report_fn=fake_reports({}))
+    assert res.best == (other if switch else default)
+    assert res.best_ms <= res.default_ms
+
+
+def test_a_challenger_that_fails_on_confirmation_is_rejected():
+    key = KernelKey.for_shape("gru", "forward", "float16", 512, 16)
+    default = space.heuristic_config(key)
+    flaky = space.candidate_configs(key, default)[1]
+    calls = []
+
+    def timer(k, cfg):
+        calls.append(cfg)
+        if cfg == flaky and calls.count(flaky) > 1:
+            raise RuntimeError("illegal memory access")
+        return 0.5 if cfg == flaky else 1.0
+
+    res = tuner.tune(key, timer, report_fn=fake_reports({}))
+    assert res.best == default and "illegal memory access" in res.confirm["error"]
 
 
 def test_ties_go_to_the_default_and_dropped_default_falls_back():

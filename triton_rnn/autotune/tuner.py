@@ -16,8 +16,15 @@ Tuning one :class:`~triton_rnn.autotune.space.KernelKey` runs three steps:
    runs a one-layer ``triton_rnn`` module with ``kernel_options`` set to the
    candidate, on fresh random inputs rotated between calls, and takes the
    median of ``triton.testing.do_bench`` after a warm-up. Tests inject their
-   own timer. The fastest survivor wins (ties go to the earlier candidate, i.e.
-   the one nearest the default); the timings of all survivors are recorded.
+   own timer. The fastest survivor is the challenger (ties go to the earlier
+   candidate, i.e. the one nearest the default); the timings of all survivors
+   are recorded.
+4. **Confirmation**: a challenger other than the default is timed again
+   against the default, alternating, :data:`CONFIRM_ROUNDS` more times each.
+   It wins only if its median beats the default's by :data:`MIN_GAIN`;
+   otherwise the default is kept. One lucky measurement (clock boost, a
+   neighbour's kernel) never replaces the default with a config that is not
+   really faster, so the tuned pick is at least as fast as the default.
 
 The *default* a result is compared with is the heuristic default when the
 static check keeps it, else the first kept candidate in preference order:
@@ -39,11 +46,15 @@ from .space import KernelKey, candidate_configs, heuristic_config
 __all__ = [
     "MAX_REGISTERS_PER_THREAD", "MAX_REGISTERS_PER_BLOCK",
     "drop_reasons", "prune", "PruneResult", "TuneResult", "ModuleTimer",
-    "get_static_report", "tune", "tune_and_store", "make_entry",
+    "get_static_report", "tune", "tune_and_store", "make_entry", "MIN_GAIN", "CONFIRM_ROUNDS",
 ]
 
 MAX_REGISTERS_PER_THREAD = 255
 MAX_REGISTERS_PER_BLOCK = 65536
+#: Relative speed-up over the default that a tuned config must show (confirmed medians).
+MIN_GAIN = 0.02
+#: Extra alternating timings of the default and the challenger before a switch.
+CONFIRM_ROUNDS = 3
 
 Timer = Callable[[KernelKey, KernelConfig], float]
 
@@ -188,6 +199,9 @@ class TuneResult:
     timings: List[dict]
     dropped: List[Tuple[KernelConfig, List[str]]]
     reports: Dict[KernelConfig, dict]
+    #: the confirmation round, when a challenger was timed again against the default:
+    #: ``{"challenger", "default_ms", "challenger_ms" (lists), "accepted"}``
+    confirm: Optional[dict] = None
 
     @property
     def speedup(self) -> Optional[float]:
@@ -290,11 +304,53 @@ def _time_all(key, configs, timer, timings: list, log) -> None:
                 log(f"timing {cfg} failed: {timings[-1]['error']}")
 
 
-def tune(key: KernelKey, timer: Timer, *, report_fn=None, configs=None, progress: bool = False,
-         log: Optional[Callable[[str], None]] = None) -> TuneResult:
-    """Prune, time every survivor with ``timer`` and pick the fastest.
+def _median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
 
-    Raises ``RuntimeError`` when no candidate survives pruning or none could be timed.
+
+def _confirm(key, timer, default: KernelConfig, default_ms: float, challenger: KernelConfig,
+             challenger_ms: float, rounds: int, min_gain: float, log) -> dict:
+    """Time ``default`` and ``challenger`` again, alternating which goes first.
+
+    The challenger is accepted if its median beats the default's by ``min_gain``;
+    a challenger that fails to run is rejected.
+    """
+    times = {default: [default_ms], challenger: [challenger_ms]}
+    error = None
+    for r in range(rounds):
+        for cfg in ((default, challenger) if r % 2 == 0 else (challenger, default)):
+            try:
+                ms = float(timer(key, cfg))
+                if not math.isfinite(ms) or ms <= 0:
+                    raise ValueError(f"timer returned {ms!r}")
+                times[cfg].append(ms)
+            except Exception as e:  # noqa: BLE001 - a flaky config must not end the tuning
+                error = (cfg, f"{type(e).__name__}: {str(e).strip()[:200]}")
+        if error is not None:
+            break
+    d_med, c_med = _median(times[default]), _median(times[challenger])
+    accepted = (error is None or error[0] != challenger) and c_med < d_med * (1.0 - min_gain)
+    if log is not None:
+        log(f"confirm {challenger} ({c_med:.4f} ms) against the default {default} "
+            f"({d_med:.4f} ms): {'accepted' if accepted else 'default kept'}")
+    out = {"challenger": challenger.to_dict(), "default_ms": times[default],
+           "challenger_ms": times[challenger], "min_gain": min_gain, "accepted": accepted}
+    if error is not None:
+        out["error"] = f"{error[0]}: {error[1]}"
+    return out
+
+
+def tune(key: KernelKey, timer: Timer, *, report_fn=None, configs=None, progress: bool = False,
+         log: Optional[Callable[[str], None]] = None, confirm_rounds: int = CONFIRM_ROUNDS,
+         min_gain: float = MIN_GAIN) -> TuneResult:
+    """Prune, time every survivor with ``timer``, confirm the fastest against the default.
+
+    The result's ``best`` is the default unless a challenger's confirmed median
+    beats it by ``min_gain`` (see the module doc); ``best_ms`` and
+    ``default_ms`` are then the confirmed medians. Raises ``RuntimeError`` when
+    no candidate survives pruning or none could be timed.
     """
     base = heuristic_config(key)
     configs = list(configs) if configs else candidate_configs(key, base)
@@ -325,10 +381,25 @@ def tune(key: KernelKey, timer: Timer, *, report_fn=None, configs=None, progress
     if not ok:
         raise RuntimeError(f"{key}: every candidate failed to run ({timings[0].get('error')})")
     best_ms, best_i = min(ok)
+    best = kept[best_i]
     by_cfg = {kept[i]: t for i, t in enumerate(timings)}
-    return TuneResult(key=key, best=kept[best_i], best_ms=best_ms, default=default,
-                      default_ms=by_cfg[default].get("ms"), timings=timings,
-                      dropped=pruned.dropped, reports={c: r for c, r in pruned.kept})
+    default_ms = by_cfg[default].get("ms")
+    confirm = None
+    if best != default and default_ms is not None and confirm_rounds > 0:
+        _tuning.active = True
+        try:
+            confirm = _confirm(key, timer, default, default_ms, best, best_ms, confirm_rounds,
+                               min_gain, log)
+        finally:
+            _tuning.active = was_active
+        default_ms = _median(confirm["default_ms"])
+        if confirm["accepted"]:
+            best_ms = _median(confirm["challenger_ms"])
+        else:
+            best, best_ms = default, default_ms
+    return TuneResult(key=key, best=best, best_ms=best_ms, default=default,
+                      default_ms=default_ms, timings=timings, dropped=pruned.dropped,
+                      reports={c: r for c, r in pruned.kept}, confirm=confirm)
 
 
 def make_entry(result: TuneResult, *, gpu: str, capability, batch: int, seq_len: int,
@@ -347,6 +418,7 @@ def make_entry(result: TuneResult, *, gpu: str, capability, batch: int, seq_len:
         "default_ms": result.default_ms,
         "speedup": result.speedup,
         "timings": result.timings,
+        "confirm": result.confirm,
         "dropped": [{"config": c.to_dict(), "reasons": r} for c, r in result.dropped],
         "static": static,
         "tuned_with": {"batch": int(batch), "seq_len": int(seq_len), "direction": direction},

@@ -153,6 +153,7 @@ def run(args) -> int:
 
     from ..autotune.cache import cache_path
     from ..autotune.tuner import tune_and_store
+    from ..kernels.config import KernelConfig
     fwd = None
     for key in keys:
         try:
@@ -175,6 +176,10 @@ def run(args) -> int:
         speed = (f"{result.speedup:.2f}x over the default ({result.default}, "
                  f"{result.default_ms:.4f} ms)" if result.speedup else
                  f"the default ({result.default}) could not be timed")
-        print(f"chosen: {result.best}  {result.best_ms:.4f} ms, {speed}")
+        if result.confirm is not None and not result.confirm["accepted"]:
+            c = result.confirm
+            print(f"  the fastest first timing ({KernelConfig.from_dict(c['challenger'])}) did "
+                  f"not beat the default by {c['min_gain']:.0%} when timed again: default kept")
+        print(f"chosen: {result.best}  {result.best_ms:.4f} ms (median), {speed}")
     print(f"stored in {cache_path()}")
     return 0
