@@ -153,3 +153,20 @@ def test_autocast_like_torch():
         a, b = ref(x)[0], m(x)[0]
     assert a.dtype == b.dtype == torch.float16
     torch.testing.assert_close(b.float(), a.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_torch_compile_on_gpu():
+    """Inductor compiles the model around the recurrence, which runs eagerly (a graph break)."""
+    torch.manual_seed(0)
+    rnn = triton_rnn.GRU(64, 256, backend="triton", device="cuda")
+    head = torch.nn.Linear(256, 8, device="cuda")
+
+    def model(x):
+        return head(rnn(x)[0]).logsumexp(-1).mean()
+
+    x = torch.randn(32, 16, 64, device="cuda")
+    eager = model(x)
+    got = torch.compile(model)(x)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    got.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in rnn.parameters())

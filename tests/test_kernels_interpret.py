@@ -165,3 +165,22 @@ def test_float64_runs_on_torch_with_a_warning():
     with pytest.warns(RuntimeWarning, match="torch's implementation"):
         out = m(x)[0]
     torch.testing.assert_close(out, ref(x)[0], atol=0, rtol=0)
+
+
+def test_torch_compile_runs_the_kernels_eagerly():
+    """torch.compile graph-breaks around the recurrence (as around cuDNN's) and agrees with eager."""
+    torch.manual_seed(0)
+    rnn = triton_rnn.LSTM(6, 8, num_layers=2, bidirectional=True, backend="triton")
+    head = torch.nn.Linear(16, 3)
+
+    def model(x):
+        return head(torch.tanh(rnn(x)[0])).square().mean()
+
+    x = torch.randn(5, 3, 6)
+    eager = model(x)
+    grads = torch.autograd.grad(eager, list(rnn.parameters()))
+    compiled = torch.compile(model, backend="aot_eager")
+    got = compiled(x)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, list(rnn.parameters())), grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)

@@ -171,6 +171,11 @@ class RecurrenceFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
 
 
+# torch.compile runs this eagerly (a graph break, as around cuDNN's RNN): the
+# launcher's cooperative launches, occupancy query and stepwise loop are host code
+# that Dynamo cannot trace, and under Triton's interpreter it would trace the
+# interpreter itself.
+@torch.compiler.disable
 def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor,
                     w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                     w_hr: Optional[Tensor], *, reverse: bool = False,
