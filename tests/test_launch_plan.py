@@ -25,11 +25,13 @@ class FakeKernel:
 
     def __init__(self, n_regs=128, shared=100_000, refuse=False):
         self.launches = []
+        self.warmups = 0
         self.compiled = types.SimpleNamespace(n_regs=n_regs, metadata=types.SimpleNamespace(shared=shared),
                                               _init_handles=lambda: None)
         self.refuse = refuse
 
     def warmup(self, *args, grid, **kwargs):
+        self.warmups += 1
         return self.compiled
 
     def __getitem__(self, grid):
@@ -46,6 +48,7 @@ def gpu_props(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: H100_LIKE)
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(launch, "_fit_cache", {})
 
 
 def _run(kernel, hidden, batch, cfg, T=5, mode="auto"):
@@ -120,3 +123,22 @@ def test_default_slice_size_counts_chunk_padding_only():
     cfg = launch.default_config("lstm", "forward", torch.bfloat16, 1536, 32)
     assert cfg.block_k == 0 and cfg.block_h == 16
     assert 4 * launch.padded_k(1536, gpu=True) * 16 * 2 <= launch.ONCHIP_WEIGHT_LIMIT
+
+
+def test_occupancy_is_read_once_per_compiled_variant(gpu_props):
+    """The second call with the same variant skips the host-side compile lookup."""
+    k = FakeKernel(n_regs=128, shared=100_000)
+    for _ in range(3):
+        _run(k, hidden=1024, batch=64, cfg=KernelConfig(16, 16))
+    assert k.warmups == 1 and len(k.launches) == 3 and all(l[4] for l in k.launches)
+    _run(k, hidden=1024, batch=64, cfg=KernelConfig(32, 16))  # another tile: another binary
+    assert k.warmups == 2
+
+
+def test_a_refused_cooperative_launch_is_not_retried(gpu_props):
+    k = FakeKernel(refuse=True)
+    with pytest.warns(RuntimeWarning, match="cooperative launch failed"):
+        _run(k, hidden=512, batch=4, cfg=KernelConfig(32, 16), T=2)
+    k.refuse = False  # would succeed now, but the variant is remembered as refused
+    _run(k, hidden=512, batch=4, cfg=KernelConfig(32, 16), T=2)
+    assert not any(l[4] for l in k.launches) and len(k.launches) == 4

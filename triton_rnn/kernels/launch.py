@@ -62,6 +62,10 @@ RESIDENT_K_CHUNK = 256
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
 _warned: set = set()
+#: Per compiled variant (see :func:`_variant_key`): how many programs can be resident,
+#: or 0 with the reason once the driver refused the cooperative launch. Saves a
+#: second host-side compile lookup on every call, and retrying a refused launch.
+_fit_cache: dict = {}
 
 
 def _warn_once(key, msg: str) -> None:
@@ -202,6 +206,14 @@ def _max_resident_programs(compiled, num_warps: int, device) -> int:
     return per_sm * props.multi_processor_count
 
 
+def _variant_key(kernel, cfg: KernelConfig, args: tuple, H: int, meta: dict, device) -> tuple:
+    """What selects the compiled binary: constexprs, tile config, argument dtypes and the
+    specialisations Triton makes (16-byte aligned pointers, ``H`` divisible by 16)."""
+    spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+    return (kernel, str(device), cfg, tuple(sorted(meta.items())), spec, H % 16 == 0, H == 1)
+
+
 def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
           gpu: Optional[bool] = None) -> _Plan:
     """Tiles and grid of a launch; ``gpu`` (default: not interpreting) applies the dot minima."""
@@ -242,13 +254,17 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
     if plan.persistent:
         # The grid barrier needs every program resident: bound the grid, launch cooperatively.
         bar = torch.zeros(plan.grid_b, dtype=torch.int32, device=device)
-        # Compile (the same variant the launch below uses) and load it, to read its
-        # registers and shared memory before choosing the grid.
-        compiled = kernel.warmup(*full(bar, 0, T), USE_BARRIER=True,
-                                 launch_cooperative_grid=True,
-                                 grid=(plan.grid_b, plan.grid_h), **opts)
-        compiled._init_handles()
-        fit = _max_resident_programs(compiled, cfg.num_warps, device)
+        vkey = _variant_key(kernel, cfg, args, H, meta, device)
+        fit, reason = _fit_cache.get(vkey, (None, None))
+        if fit is None:
+            # Compile (the same variant the launch below uses) and load it, to read its
+            # registers and shared memory before choosing the grid.
+            compiled = kernel.warmup(*full(bar, 0, T), USE_BARRIER=True,
+                                     launch_cooperative_grid=True,
+                                     grid=(plan.grid_b, plan.grid_h), **opts)
+            compiled._init_handles()
+            fit = _max_resident_programs(compiled, cfg.num_warps, device)
+            _fit_cache[vkey] = (fit, None)
         grid_b = min(plan.grid_b, fit // plan.grid_h)
         if grid_b >= 1:
             try:
@@ -257,7 +273,8 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
                 return
             except RuntimeError as e:  # the driver refused the cooperative launch
                 reason = f"cooperative launch failed ({e})"
-        else:
+                _fit_cache[vkey] = (0, reason)
+        elif reason is None:
             reason = (f"{plan.grid_h} hidden blocks exceed the {fit} programs that can be "
                       "resident at once")
         _warn_once((what, plan.grid_h, cfg), f"triton_rnn: {what} with {cfg} cannot run "
