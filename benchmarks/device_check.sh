@@ -106,7 +106,8 @@ step import 30 380 "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; print(
 # pytest-xdist (on the GPU image) the tests compile in parallel processes.
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
-step gpu_tests 150 300 "$PY -m pytest -m gpu $XDIST -q -p no:cacheprovider tests/test_gpu.py"
+# -v: each result is printed as it finishes, so a step cut short still says which passed.
+step gpu_tests 150 300 "$PY -m pytest -m gpu $XDIST -v -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py"
 
 # 4. Ceilings: copy bandwidth, matrix rates, grid-barrier latency.
 step floors 75 250 "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout 40"
@@ -160,6 +161,7 @@ rm -f "$OUTDIR"/*.tmp
     while IFS=$'\t' read -r n w s r; do echo "| $n | $w | $s | $r |"; done <"$STEPS_TSV"
     echo
     grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b|no tests ran" "$LOG" | tail -1 | sed 's/^/gpu tests: /'
+    grep -E "^(FAILED|ERROR) tests/" "$LOG" | sed 's/^/- /' | head -20
     echo
 } >"$SUMMARY"
 timeout 60 "$PY" - "$OUTDIR/floors.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
