@@ -107,3 +107,20 @@ def test_non_power_of_two_hidden_pays_only_for_its_chunks():
     assert r1536["weights_loaded_in_loop"] is False and r1536["local_bytes"] == 0
     assert r1536["shared_bytes"] < r2048["shared_bytes"]
     assert r1536["programs"] == 96 and r2048["programs"] == 128
+
+
+@pytest.mark.parametrize("cell,pass_,dtype,hidden", [
+    ("lstm", "forward", "float32", 256), ("lstm", "forward", "bfloat16", 128),
+    ("gru", "backward", "float32", 128), ("lstm", "backward", "float32", 2048),
+    ("rnn_tanh", "forward", "float32", 2048), ("rnn_tanh", "forward", "bfloat16", 1536)])
+def test_defaults_that_used_to_spill(cell, pass_, dtype, hidden):
+    """Defaults that spilled 8-24 B with the old warp/stream rule on Triton 3.6 or 3.9.
+
+    A sweep of every cell x dtype x hidden 32..2048 x pass (162 defaults) compiles
+    spill-free on both versions with the current rule; these are its former failures.
+    """
+    (r,) = static_reports([dict(cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, batch=16,
+                                config=None)])
+    assert "error" not in r, r.get("error")
+    assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, (r["config"], r["registers"])
+    assert not r["local_memory_instructions"]

@@ -204,7 +204,10 @@ def _preference_order(key: KernelKey, base: KernelConfig,
 
 
 def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
+    from ..kernels.launch import padded_k
+
     top = max(16, _next_pow2(key.hidden))
+    k_rows = padded_k(key.hidden, gpu=True)  # the slice's K extent: whole 256-input chunks
     _, max_smem = arch_info(key.arch)
     streams = bool(base.block_k)
     bhs = []
@@ -212,7 +215,7 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
     while b <= top:
         # A persistent slice that alone exceeds a block's shared memory would only be
         # compiled to be dropped: leave it out (the default's own block_h always stays).
-        if streams or b == base.block_h or key.gates * top * b * key.elem_bytes <= max_smem:
+        if streams or b == base.block_h or key.gates * k_rows * b * key.elem_bytes <= max_smem:
             bhs.append(b)
         b *= 2
     bhs.sort(key=lambda v: (abs(math.log2(v) - math.log2(base.block_h)), -v))

@@ -58,6 +58,8 @@ ONCHIP_WEIGHT_TARGET = 96 * 1024
 #: step's dot operands stay small in registers (hidden 1024 spilled on
 #: Triton 3.6 with one [1024, block_h] operand per gate).
 RESIDENT_K_CHUNK = 256
+#: Largest streamed weight chunk (all gates, ``block_k`` inputs) of the default configs.
+STREAM_CHUNK_LIMIT = 48 * 1024
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -118,11 +120,16 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 1024 in fp32), if none does.
     When even that slice exceeds the limit, or the slices outnumber the SMs
     (one resident program per SM: LSTM hidden 2048 in bf16, GRU hidden 2048 in
-    fp32), the weights are streamed from L2 every step instead (``block_h=32,
-    block_k=128``): still one launch, but not weight-persistent. ``block_b`` is
-    16 whatever the batch (programs loop over batch tiles), so the default never
-    depends on the batch size; 8 warps from hidden 1024 up (4 spilled a few
-    registers there with Triton 3.6), else 4.
+    fp32), the weights are streamed from L2 every step instead (``block_h=32``,
+    ``block_k=128``, or 64 when a 128-input chunk of all gates would exceed
+    :data:`STREAM_CHUNK_LIMIT`: LSTM in fp32): still one launch, but not
+    weight-persistent. ``block_b`` is 16 whatever the batch (programs loop over
+    batch tiles), so the default never depends on the batch size.
+    ``num_warps``: 4 for the one-gate RNN; 8 for GRU and LSTM from hidden 1024
+    up, in fp32, or when a program owns 256 or more gate columns
+    (``gates * block_h``); else 4. That rule is what keeps every default
+    spill-free (no local memory) when compiled for sm_90 with Triton 3.6 and 3.9,
+    for every cell and dtype at hidden 32 to 2048.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
     """
     spec = CELL_SPECS[cell]
@@ -137,12 +144,15 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
         if per_unit * block_h > ONCHIP_WEIGHT_LIMIT or triton.cdiv(hidden, block_h) > num_sms:
             # Beyond on-chip capacity (one slice per SM): stream W_hh from L2.
             block_h, block_k = 32, 128
+            if spec.gates * block_h * block_k * itemsize > STREAM_CHUNK_LIMIT:
+                block_k = 64
         else:
             while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
                 block_h *= 2
     # The same tile for every batch size: a new batch size never recompiles.
     block_b = MIN_BLOCK_B
-    num_warps = 8 if hp >= 1024 else 4
+    big = hp >= 1024 or itemsize == 4 or spec.gates * block_h >= 256
+    num_warps = 8 if spec.gates > 1 and big else 4
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
                         block_k=block_k)
 
