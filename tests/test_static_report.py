@@ -1,7 +1,8 @@
 """The static kernel report: real sm_90 compiles on the CPU, read with the wheel's cuobjdump.
 
-For the default tile configs of every cell at hidden 256, 512 and 1024 and
-batch 1, 16 and 64 in bf16: no spills, shared memory within the per-block
+All reports come from one subprocess (see ``all_reports``). For the default
+tile configs of every cell at hidden 256, 512 and 1024 and batch 1, 16 and 64
+in bf16: no spills, shared memory within the per-block
 limit, tensor cores used, and the recurrent weights never loaded from global
 memory inside the time loop. (Batch is a runtime argument: the three batch
 sizes share one compiled kernel and differ only in the grid.)
@@ -21,11 +22,44 @@ HIDDEN = [256, 512, 1024]
 BATCH = [1, 16, 64]
 
 
+#: Default configs compiled beyond the grid above: (cell, pass, dtype, hidden), at batch 64.
+LARGEST_PERSISTENT = [(c, p, d, h) for c, d, h in [("gru", "bfloat16", 2048),
+                                                   ("gru", "float32", 1024),
+                                                   ("lstm", "float32", 1024),
+                                                   ("lstm", "bfloat16", 1536)]
+                      for p in ("forward", "backward")]
+USED_TO_SPILL = [("lstm", "forward", "float32", 256), ("lstm", "forward", "bfloat16", 128),
+                 ("gru", "backward", "float32", 128), ("lstm", "backward", "float32", 2048),
+                 ("rnn_tanh", "forward", "float32", 2048),
+                 ("rnn_tanh", "forward", "bfloat16", 1536)]
+NON_POW2 = [("gru", "forward", "bfloat16", 1536), ("gru", "forward", "bfloat16", 2048)]
+STREAMING = dict(block_h=32, block_b=16, num_warps=4, num_stages=1, block_k=64)
+
+
 @pytest.fixture(scope="module")
-def default_reports():
+def all_reports():
+    """Every report these tests read, compiled in one subprocess (one import of Triton)."""
     reqs = [dict(cell=c, pass_=p, dtype="bfloat16", hidden=h, batch=b, config=None, arch=90)
             for c in CELLS for h in HIDDEN for b in BATCH for p in ("forward", "backward")]
-    return static_reports(reqs)
+    extra = sorted(set(LARGEST_PERSISTENT + USED_TO_SPILL + NON_POW2))
+    reqs += [dict(cell=c, pass_=p, dtype=d, hidden=h, batch=64, config=None, arch=90)
+             for c, p, d, h in extra]
+    reqs.append(dict(cell="gru", pass_="forward", dtype="bfloat16", hidden=256, batch=16,
+                     config=STREAMING, arch=90))
+    out = static_reports(reqs)
+    n = len(CELLS) * len(HIDDEN) * len(BATCH) * 2
+    by_shape = {(r["cell"], r["pass_"], r["dtype"], r["hidden"]): r for r in out[n:-1]}
+    return {"defaults": out[:n], "by_shape": by_shape, "streaming": out[-1]}
+
+
+@pytest.fixture(scope="module")
+def default_reports(all_reports):
+    return all_reports["defaults"]
+
+
+@pytest.fixture(scope="module")
+def report_for(all_reports):
+    return lambda *shape: all_reports["by_shape"][shape]
 
 
 def test_default_configs_fit_sm90_without_spills(default_reports):
@@ -43,28 +77,22 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
         assert r["config"]["block_k"] == 0, f"{where}: weights must stay on-chip"
 
 
-@pytest.mark.parametrize("cell,dtype,hidden", [("gru", "bfloat16", 2048), ("gru", "float32", 1024),
-                                               ("lstm", "float32", 1024),
-                                               ("lstm", "bfloat16", 1536)])
-def test_largest_persistent_sizes(cell, dtype, hidden):
+@pytest.mark.parametrize("cell,pass_,dtype,hidden", LARGEST_PERSISTENT)
+def test_largest_persistent_sizes(report_for, cell, pass_, dtype, hidden):
     """GRU 2048 and LSTM 1536 in bf16, GRU and LSTM 1024 in fp32 keep their weights on-chip.
 
     One slice per SM. LSTM 1536 fits because K pads to six 256-input chunks, not to 2048.
     """
-    for r in static_reports([dict(cell=cell, pass_=p, dtype=dtype, hidden=hidden, batch=64,
-                                  config=None) for p in ("forward", "backward")]):
-        assert "error" not in r, r.get("error")
-        assert r["config"]["block_k"] == 0 and r["weights_loaded_in_loop"] is False
-        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0
-        assert r["shared_bytes"] <= r["max_shared_bytes"] and r["co_resident"]
+    r = report_for(cell, pass_, dtype, hidden)
+    assert "error" not in r, r.get("error")
+    assert r["config"]["block_k"] == 0 and r["weights_loaded_in_loop"] is False
+    assert r["stack_bytes"] == 0 and r["local_bytes"] == 0
+    assert r["shared_bytes"] <= r["max_shared_bytes"] and r["co_resident"]
 
 
-def test_streamed_weights_are_detected_in_the_loop():
+def test_streamed_weights_are_detected_in_the_loop(all_reports):
     """Positive control for the PTX check: a streaming tile does read W_hh every step."""
-    (r,) = static_reports([dict(cell="gru", pass_="forward", dtype="bfloat16", hidden=256,
-                                batch=16, config=dict(block_h=32, block_b=16, num_warps=4,
-                                                      num_stages=1, block_k=64))])
-    assert r["weights_loaded_in_loop"] is True
+    assert all_reports["streaming"]["weights_loaded_in_loop"] is True
 
 
 def test_weight_load_detector_on_hand_written_ptx():
@@ -99,28 +127,23 @@ def test_inspect_cli_prints_json():
     assert bad.returncode == 2 and "--arch" in bad.stderr and bad.stderr.count("\n") == 1
 
 
-def test_non_power_of_two_hidden_pays_only_for_its_chunks():
+def test_non_power_of_two_hidden_pays_only_for_its_chunks(report_for):
     """GRU 1536 holds 6/8 of GRU 2048's weight slice (same 16-unit tile), in shared memory."""
-    r1536, r2048 = static_reports([dict(cell="gru", pass_="forward", dtype="bfloat16", hidden=h,
-                                        batch=16, config=None) for h in (1536, 2048)])
+    r1536, r2048 = (report_for(*shape) for shape in NON_POW2)
     assert r1536["config"] == r2048["config"] and r1536["config"]["block_k"] == 0
     assert r1536["weights_loaded_in_loop"] is False and r1536["local_bytes"] == 0
     assert r1536["shared_bytes"] < r2048["shared_bytes"]
     assert r1536["programs"] == 96 and r2048["programs"] == 128
 
 
-@pytest.mark.parametrize("cell,pass_,dtype,hidden", [
-    ("lstm", "forward", "float32", 256), ("lstm", "forward", "bfloat16", 128),
-    ("gru", "backward", "float32", 128), ("lstm", "backward", "float32", 2048),
-    ("rnn_tanh", "forward", "float32", 2048), ("rnn_tanh", "forward", "bfloat16", 1536)])
-def test_defaults_that_used_to_spill(cell, pass_, dtype, hidden):
+@pytest.mark.parametrize("cell,pass_,dtype,hidden", USED_TO_SPILL)
+def test_defaults_that_used_to_spill(report_for, cell, pass_, dtype, hidden):
     """Defaults that spilled 8-24 B with the old warp/stream rule on Triton 3.6 or 3.9.
 
     A sweep of every cell x dtype x hidden 32..2048 x pass (162 defaults) compiles
     spill-free on both versions with the current rule; these are its former failures.
     """
-    (r,) = static_reports([dict(cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, batch=16,
-                                config=None)])
+    r = report_for(cell, pass_, dtype, hidden)
     assert "error" not in r, r.get("error")
     assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, (r["config"], r["registers"])
     assert not r["local_memory_instructions"]
