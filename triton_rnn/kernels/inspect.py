@@ -18,6 +18,7 @@ be compiled, so the report is computed in a subprocess without that variable.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -155,13 +156,9 @@ def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch:
                           w_index=kernel.arg_names.index("W"))
 
 
-def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
-    import triton
-
-    from .launch import default_config
-
-    if config is None:
-        config = default_config(cell, pass_, dtype, hidden, batch, ARCH_LIMITS[arch]["num_sms"])
+@functools.lru_cache(maxsize=256)
+def _binary_facts(cell, pass_, dtype, hidden, config, arch) -> dict:
+    """What the compiled binary says, independent of the batch size (a runtime argument)."""
     compiled, info = compile_kernel(cell, pass_, dtype, hidden, config, arch)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -173,7 +170,23 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
                               capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     regs, stack, static_shared, local = (int(g) for g in m.groups())
-    shared = max(int(compiled.metadata.shared), static_shared)
+    return dict(info, regs=regs, stack=stack, local=local,
+                shared=max(int(compiled.metadata.shared), static_shared),
+                weights_loaded_in_loop=_weights_loaded_in_loop(compiled.asm["ptx"],
+                                                               info["w_index"]),
+                tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
+                local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)))
+
+
+def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
+    import triton
+
+    from .launch import default_config
+
+    if config is None:
+        config = default_config(cell, pass_, dtype, hidden, batch, ARCH_LIMITS[arch]["num_sms"])
+    info = _binary_facts(cell, pass_, dtype, hidden, config, arch)
+    regs, stack, local, shared = info["regs"], info["stack"], info["local"], info["shared"]
     lim = ARCH_LIMITS.get(arch, ARCH_LIMITS[90])
     threads = 32 * config.num_warps
     regs_per_warp = ((regs * 32 + 255) // 256) * 256
@@ -197,9 +210,9 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
         max_programs=max_programs, num_sms=lim["num_sms"],
         max_shared_bytes=lim["max_smem_block"],
         co_resident=info["grid_h"] <= max_programs,
-        weights_loaded_in_loop=_weights_loaded_in_loop(compiled.asm["ptx"], info["w_index"]),
-        tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
-        local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)),
+        weights_loaded_in_loop=info["weights_loaded_in_loop"],
+        tensor_cores=info["tensor_cores"],
+        local_memory_instructions=info["local_memory_instructions"],
     )
 
 
