@@ -289,17 +289,25 @@ class ModuleTimer:
             grad_to_none=params if gos is not None else None))
 
 
+def _time_one(key, timer, cfg) -> float:
+    """``timer(key, cfg)`` as milliseconds; ValueError unless finite and positive."""
+    ms = float(timer(key, cfg))
+    if not math.isfinite(ms) or ms <= 0:
+        raise ValueError(f"timer returned {ms!r}")
+    return ms
+
+
+def _error_text(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
 def _time_all(key, configs, timer, timings: list, log) -> None:
     for cfg in configs:
         try:
-            ms = float(timer(key, cfg))
-            if not math.isfinite(ms) or ms <= 0:
-                raise ValueError(f"timer returned {ms!r}")
-            timings.append({"config": cfg.to_dict(), "ms": ms})
+            timings.append({"config": cfg.to_dict(), "ms": _time_one(key, timer, cfg)})
         except Exception as e:  # noqa: BLE001 - one failing candidate must not end the tuning
-            msg = str(e).strip().splitlines()
-            timings.append({"config": cfg.to_dict(),
-                            "error": f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]})
+            timings.append({"config": cfg.to_dict(), "error": _error_text(e)})
             if log is not None:
                 log(f"timing {cfg} failed: {timings[-1]['error']}")
 
@@ -322,12 +330,9 @@ def _confirm(key, timer, default: KernelConfig, default_ms: float, challenger: K
     for r in range(rounds):
         for cfg in ((default, challenger) if r % 2 == 0 else (challenger, default)):
             try:
-                ms = float(timer(key, cfg))
-                if not math.isfinite(ms) or ms <= 0:
-                    raise ValueError(f"timer returned {ms!r}")
-                times[cfg].append(ms)
+                times[cfg].append(_time_one(key, timer, cfg))
             except Exception as e:  # noqa: BLE001 - a flaky config must not end the tuning
-                error = (cfg, f"{type(e).__name__}: {str(e).strip()[:200]}")
+                error = (cfg, _error_text(e))
         if error is not None:
             break
     d_med, c_med = _median(times[default]), _median(times[challenger])
@@ -371,27 +376,24 @@ def tune(key: KernelKey, timer: Timer, *, report_fn=None, configs=None, progress
     from . import _tuning  # nested look-ups while timing must not start another tuning
     was_active = getattr(_tuning, "active", False)
     _tuning.active = True
+    confirm = None
     try:
         _time_all(key, it, timer, timings, log)
-    finally:
-        _tuning.active = was_active
-    if bar is not None:
-        bar.close()
-    ok = [(t["ms"], i) for i, t in enumerate(timings) if "ms" in t]
-    if not ok:
-        raise RuntimeError(f"{key}: every candidate failed to run ({timings[0].get('error')})")
-    best_ms, best_i = min(ok)
-    best = kept[best_i]
-    by_cfg = {kept[i]: t for i, t in enumerate(timings)}
-    default_ms = by_cfg[default].get("ms")
-    confirm = None
-    if best != default and default_ms is not None and confirm_rounds > 0:
-        _tuning.active = True
-        try:
+        if bar is not None:
+            bar.close()
+        ok = [(t["ms"], i) for i, t in enumerate(timings) if "ms" in t]
+        if not ok:
+            raise RuntimeError(f"{key}: every candidate failed to run "
+                               f"({timings[0].get('error')})")
+        best_ms, best_i = min(ok)
+        best = kept[best_i]
+        default_ms = timings[kept.index(default)].get("ms")
+        if best != default and default_ms is not None and confirm_rounds > 0:
             confirm = _confirm(key, timer, default, default_ms, best, best_ms, confirm_rounds,
                                min_gain, log)
-        finally:
-            _tuning.active = was_active
+    finally:
+        _tuning.active = was_active
+    if confirm is not None:
         default_ms = _median(confirm["default_ms"])
         if confirm["accepted"]:
             best_ms = _median(confirm["challenger_ms"])

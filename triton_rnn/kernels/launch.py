@@ -85,6 +85,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _pow2_extent(hidden: int, gpu: Optional[bool] = None) -> int:
+    """``hidden`` padded to a power of two (an ``arange`` size), at least MIN_DOT on a GPU."""
+    if gpu is None:
+        gpu = not interpreting()
+    k = triton.next_power_of_2(hidden)
+    return max(MIN_DOT, k) if gpu else k
+
+
 def k_tiling(hidden: int, gpu: Optional[bool] = None) -> tuple:
     """``(KC, NUM_KC)``: the recurrent dots' K (= hidden) in ``NUM_KC`` chunks of ``KC``.
 
@@ -93,12 +101,7 @@ def k_tiling(hidden: int, gpu: Optional[bool] = None) -> tuple:
     sizes pad only to a whole number of chunks, not to the next power of two:
     hidden 1536 holds six chunks of 256 on-chip, not eight.
     """
-    if gpu is None:
-        gpu = not interpreting()
-    kp2 = triton.next_power_of_2(hidden)
-    if gpu:
-        kp2 = max(MIN_DOT, kp2)
-    kc = min(kp2, RESIDENT_K_CHUNK)
+    kc = min(_pow2_extent(hidden, gpu), RESIDENT_K_CHUNK)
     return kc, triton.cdiv(hidden, kc)
 
 
@@ -134,7 +137,7 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     """
     spec = CELL_SPECS[cell]
     itemsize = torch.empty((), dtype=_as_dtype(dtype)).element_size()
-    hp = max(MIN_DOT, triton.next_power_of_2(hidden))  # block_h is an arange size
+    hp = _pow2_extent(hidden, gpu=True)  # block_h is an arange size
     per_unit = spec.gates * padded_k(hidden, gpu=True) * itemsize
     block_k = 0
     if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
@@ -231,9 +234,7 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if gpu is None:
         gpu = not interpreting()
-    hp = triton.next_power_of_2(hidden)
-    if gpu:
-        hp = max(MIN_DOT, hp)
+    hp = _pow2_extent(hidden, gpu)
     block_h = min(cfg.block_h, hp)
     block_b = cfg.block_b
     block_k = 0 if not cfg.block_k else min(hp, max(cfg.block_k, MIN_DOT) if gpu
@@ -329,13 +330,13 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     n_saved = spec.saved if save else 0
     saved = torch.empty(T, B, n_saved * H, dtype=torch.float32, device=dev) if save else hst
     plan = _plan(H, B, cfg, mode)
+    kc, num_kc = k_tiling(H)
     dummy = hst
     args = (xg, w_hh, b_hn if b_hn is not None else dummy, h0, c0 if c0 is not None else h0,
             hbuf, hst, cseq, saved, batch_sizes if varlen else dummy)
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
-        HAS_BHN=spec.separate_bhn and b_hn is not None, KC=k_tiling(H)[0],
-        NUM_KC=k_tiling(H)[1],
+        HAS_BHN=spec.separate_bhn and b_hn is not None, KC=kc, NUM_KC=num_kc,
         BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
     if pad_rows is not None:
@@ -374,13 +375,14 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
     dhst = torch.empty(B, H, dtype=torch.float32, device=dev)
     dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else dhst
     plan = _plan(H, B, cfg, mode)
+    kc, num_kc = k_tiling(H)
     dummy = dhst
     args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, hbuf, h0,
             c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
             dxn if dxn is not None else dgh, dhst, dcst, batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
-        SPLIT_X_GRAD=spec.split_x_grad, KC=k_tiling(H)[0], NUM_KC=k_tiling(H)[1],
+        SPLIT_X_GRAD=spec.split_x_grad, KC=kc, NUM_KC=num_kc,
         BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward")
