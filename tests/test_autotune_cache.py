@@ -186,7 +186,18 @@ def test_lookup_returns_cached_entry_for_its_bucket(fake_gpu):
     # 17..32 share the bucket: a new batch size is served without tuning.
     for batch in (17, 20, 32):
         assert at.lookup_config("gru", "forward", "bfloat16", 256, batch, "cuda") == cfg
-    assert at.lookup_config("gru", "forward", "bfloat16", 256, 33, "cuda") is None
+    # Other buckets of the same kernel take the nearest tuned one: no new variant to compile.
+    for batch in (1, 7, 33, 1500):
+        assert at.lookup_config("gru", "forward", "bfloat16", 256, batch, "cuda") == cfg
+    big = KernelConfig(16, 64, 8, 1)
+    C.TuneCache().put(name_for(hidden=256, batch=128), make_entry(big))
+    at.reload()
+    assert at.lookup_config("gru", "forward", "bfloat16", 256, 20, "cuda") == cfg
+    assert at.lookup_config("gru", "forward", "bfloat16", 256, 100, "cuda") == big
+    assert at.lookup_config("gru", "forward", "bfloat16", 256, 48, "cuda") == big  # tie: larger
+    assert at.lookup_config("gru", "forward", "bfloat16", 256, 9, "cuda") == cfg
+    # Nothing is borrowed across kernels: another hidden size, pass, dtype or device.
+    assert at.lookup_config("gru", "forward", "bfloat16", 512, 32, "cuda") is None
     assert at.lookup_config("gru", "backward", "bfloat16", 256, 32, "cuda") is None
     assert at.lookup_config("gru", "forward", "float16", 256, 32, "cuda") is None
     assert at.lookup_config("gru", "forward", "bfloat16", 256, 32, "cpu") is None
@@ -222,6 +233,10 @@ def test_autotune_env_tunes_missing_shape_once(monkeypatch, fake_gpu):
     assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cuda") == cfg
     assert at.lookup_config("lstm", "forward", "float16", 128, 7, "cuda") == cfg
     assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cpu") is None
+    # A batch in another bucket (the short last batch of an epoch, a bigger eval batch)
+    # borrows the tuned neighbour instead of starting another tuning.
+    assert at.lookup_config("lstm", "forward", "float16", 128, 3, "cuda") == cfg
+    assert at.lookup_config("lstm", "forward", "float16", 128, 200, "cuda") == cfg
     assert calls == [("lstm:forward:float16:h128:b8:sm90", 8)]
 
 
@@ -239,3 +254,100 @@ def test_launcher_uses_cached_config(fake_gpu):
     assert select("gru", "forward", torch.bfloat16, 256, 30, device="cuda") == tuned
     # No device (CPU/interpreter): the launcher's own default.
     assert select("gru", "forward", torch.bfloat16, 256, 24, device=None) == default
+
+
+@pytest.mark.parametrize("kind", ["infinity", "nan", "bigint", "deep"])
+def test_hostile_json_is_set_aside_not_raised(tmp_cache, kind):
+    """Numbers and nesting that Python's json turns into exceptions other than a decode error."""
+    tmp_cache.mkdir(parents=True)
+    path = tmp_cache / C.CACHE_FILENAME
+    valid = json.loads(_valid_doc())
+    bad_name = name_for(hidden=64)
+    cfg = '{"block_h": %s, "block_b": 16}'
+    raw = {
+        "infinity": cfg % "Infinity",
+        "nan": cfg % "NaN",
+        "bigint": cfg % ("9" * 5000),
+        "deep": "[" * 100000 + "]" * 100000,
+    }[kind]
+    text = json.dumps(valid)[:-2] + f', "{bad_name}": {raw}}}}}'
+    path.write_text(text)
+    entries, w = caught(lambda: C.TuneCache().load())
+    assert entries == {} and len(w) == 1
+    assert [p.read_text() for p in tmp_cache.glob("*.bad-*")] == [text]
+    json.loads(path.read_text(), parse_constant=pytest.fail)  # rebuilt as strict JSON
+
+
+@pytest.mark.parametrize("config,why", [
+    ({"block_h": 2 ** 40, "block_b": 16}, "block_h"),
+    ({"block_h": 16, "block_b": 16, "num_warps": 64}, "num_warps"),
+    ({"block_h": 16, "block_b": 16, "num_stages": 100000}, "num_stages"),
+    ({"block_h": 16.9, "block_b": 16}, "integer"),
+    ({"block_h": True, "block_b": 16}, "integer"),
+    ({"block_h": "16", "block_b": 16}, "integer"),
+    ({"block_h": 16}, "missing"),
+    ([16, 16], "object"),
+])
+def test_config_from_untrusted_data_is_bounded_and_strict(config, why):
+    with pytest.raises(ValueError, match=why):
+        KernelConfig.from_dict(config)
+
+
+def test_bad_values_and_noncanonical_keys_are_refused(tmp_path, tmp_cache):
+    good = make_entry(KernelConfig(16, 16))
+    with pytest.raises(C.CacheFormatError, match="finite"):
+        C.validate_entry(name_for(), {**good, "ms": float("nan")})
+    with pytest.raises(C.CacheFormatError, match="timing"):
+        C.validate_entry(name_for(), {**good, "timings": [{"config": {}, "ms": float("inf")}]})
+    loose = name_for().replace("gru:forward:bfloat16:h256", "GRU:forward:bf16:h0256")
+    with pytest.raises(C.CacheFormatError, match="canonical"):
+        C.validate_entry(loose, good)
+    with pytest.raises(C.CacheFormatError, match="schema"):
+        C.parse_document(_valid_doc(schema=True))
+    # An import of a hostile tile merges nothing.
+    src = tmp_path / "hostile.json"
+    src.write_text(_valid_doc(entries={name_for(): {"config": {"block_h": 16, "block_b": 2 ** 40}}}))
+    with pytest.raises(C.CacheFormatError, match="block_b"):
+        C.TuneCache().import_file(src)
+    assert C.TuneCache().load() == {}
+
+
+def test_unrepairable_file_keeps_its_valid_entries(tmp_cache, monkeypatch):
+    """A read-only shared cache with one bad entry still serves the others."""
+    tmp_cache.mkdir(parents=True)
+    doc = json.loads(_valid_doc())
+    doc["entries"][name_for(hidden=64)] = {"config": {"block_h": 12, "block_b": 16}}
+    (tmp_cache / C.CACHE_FILENAME).write_text(json.dumps(doc))
+
+    def read_only(self):
+        raise PermissionError(13, "Permission denied", str(self.lock_path))
+    monkeypatch.setattr(C.TuneCache, "_lock", read_only)
+    entries, w = caught(lambda: C.TuneCache().load())
+    assert list(entries) == [name_for()]
+    assert len(w) == 1 and "1 valid entries" in str(w[0].message)
+
+
+def test_symlinked_cache_is_updated_in_place_and_modes_follow_umask(tmp_path, tmp_cache):
+    import os
+    import stat
+    shared = tmp_path / "shared.json"
+    C.TuneCache(shared).put(name_for(), make_entry(KernelConfig(16, 16)))
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's 0o600
+    tmp_cache.mkdir(parents=True)
+    link = tmp_cache / C.CACHE_FILENAME
+    link.symlink_to(shared)
+    assert C.TuneCache().clear() == 1
+    assert link.is_symlink() and C.TuneCache(shared).load() == {}
+    os.chmod(shared, 0o640)
+    C.TuneCache().put(name_for(), make_entry(KernelConfig(16, 16)))
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    out = tmp_path / "export.json"
+    C.TuneCache().export(out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+    old = os.umask(0o022)
+    os.umask(old)
+    return old

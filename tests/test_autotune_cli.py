@@ -27,7 +27,7 @@ DRIVER = textwrap.dedent("""
     results = []
     for argv, stdin in json.load(sys.stdin):
         out, err = io.StringIO(), io.StringIO()
-        sys.stdin = io.StringIO(stdin)
+        sys.stdin = io.StringIO(stdin) if stdin is not None else None  # None: no stdin at all
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 rc = main(argv)
@@ -78,6 +78,10 @@ def test_cli_commands(tmp_path):
                      "timings": [{"config": KernelConfig(h, 16, 4, 1).to_dict(), "ms": 0.5}]})
     good_file = tmp_path / "good.json"
     good.export(good_file)
+    stream_file = tmp_path / "stream.json"
+    C.TuneCache(stream_file).put(
+        C.entry_key(KernelKey.for_shape("lstm", "forward", "float32", 2048, 8), GPU, CAP),
+        {"config": KernelConfig(32, 16, 8, 1, 128).to_dict(), "ms": 2.0})
     bad_file = tmp_path / "bad.json"
     bad_file.write_text('{"schema": 1, "entries": {')
     exported = tmp_path / "exported.json"
@@ -109,6 +113,9 @@ def test_cli_commands(tmp_path):
         (["tune", "--cell", "gru", "--hidden", "0"], ""),
         (["tune", "--cell", "gru", "--hidden", "64", "--config", "3,16,4"], ""),
         (["tune", "--cell", "gru", "--hidden", "64"], ""),
+        (["cache", "import", str(stream_file)], ""),
+        (["cache", "clear"], None),
+        (["cache", "list"], ""),
     ]
     driver = start(["-c", DRIVER], env_for(cache_dir),
                    json.dumps(helps + [list(s) for s in steps]))
@@ -158,6 +165,9 @@ def test_cli_commands(tmp_path):
     for i in (18, 19, 20, 21, 22):                # argparse errors: usage + one error line
         assert r[i]["rc"] == 2 and "error:" in r[i]["err"], r[i]
     assert "--static-only" in fails(23)
+    assert "imported 1 new" in ok(24)
+    assert r[25]["rc"] == 1 and "nothing deleted" in r[25]["err"]  # closed stdin: no answer
+    assert "h32 b16 w8 s1 k128" in ok(26)  # a streaming tile says so
 
     rc, out, err = finish(no_gpu)
     assert rc != 0 and "no CUDA GPU" in one_line(err)
@@ -179,3 +189,19 @@ def test_cli_tune_static_only_real_compiler(tmp_path):
     dropped = lines.index("dropped 1:")
     assert "block_h=256" in lines[dropped + 1] and "shared memory" in lines[dropped + 1]
     assert not (tmp_path / "cache" / C.CACHE_FILENAME).exists()   # static-only stores nothing
+
+
+def test_cli_import_names_the_cache_when_the_write_fails(tmp_path, monkeypatch, capsys):
+    """A readable source whose merge fails blames the cache, not the source."""
+    from triton_rnn.cli import main
+    monkeypatch.setenv("TRITON_RNN_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src.json"
+    C.TuneCache(src).put(C.entry_key(KernelKey.for_shape("gru", "forward", "bfloat16", 64, 8),
+                                     GPU, CAP), {"config": KernelConfig(64, 16).to_dict()})
+
+    def refused(self, fn):
+        raise PermissionError(1, "Operation not permitted", str(self.lock_path))
+    monkeypatch.setattr(C.TuneCache, "update", refused)
+    assert main(["cache", "import", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and str(tmp_path / "cache") in err and "src.json" not in err

@@ -10,10 +10,15 @@ The launchers call :func:`lookup_config` for every launch. It reads the cache
 file once per process (and again after this process tunes or calls
 :func:`reload`), so it costs a dictionary look-up. It never raises: a broken
 cache gives one warning and ``None`` (the launcher then uses its default).
+A batch whose bucket has no entry takes the tile of the nearest tuned bucket
+of the same kernel (same cell, pass, dtype, hidden size, GPU and versions;
+ties go to the larger bucket), so a new batch size, such as the short last
+batch of an epoch, neither re-tunes nor compiles another kernel variant.
 It tunes only when ``TRITON_RNN_AUTOTUNE=1``, the device is a CUDA device and
-the cache has no entry for the shape's key; otherwise training code never
-tunes on the hot path. On-the-fly tuning times a unidirectional layer at the
-call's batch size and :data:`AUTOTUNE_SEQ_LEN` steps.
+no bucket of the kernel is tuned yet; otherwise training code never tunes on
+the hot path (``triton-rnn tune --batch N`` tunes further buckets
+beforehand). On-the-fly tuning times a unidirectional layer at the call's
+batch size and :data:`AUTOTUNE_SEQ_LEN` steps.
 
 Batches above :data:`~triton_rnn.autotune.space.BATCH_CAP` use the top
 bucket's tile; the launcher bounds the number of batch-tile programs by what
@@ -29,7 +34,7 @@ import warnings
 from typing import Optional
 
 from ..kernels.config import KernelConfig
-from .cache import CacheWarning, TuneCache, cache_path, entry_key
+from .cache import CacheWarning, TuneCache, cache_path, entry_key, split_entry_key
 from .space import BATCH_CAP, KernelKey, batch_bucket, candidate_configs, heuristic_config
 
 __all__ = [
@@ -42,7 +47,7 @@ __all__ = [
 AUTOTUNE_SEQ_LEN = 64
 
 _lock = threading.RLock()
-_state = {"path": None, "entries": None, "env": None}
+_state = {"path": None, "entries": None, "env": None, "families": None}
 _MISS = object()
 _memo: dict = {}
 _identities: dict = {}
@@ -57,6 +62,7 @@ def reload() -> None:
         _state["path"] = None
         _state["entries"] = None
         _state["env"] = None
+        _state["families"] = None
         _memo.clear()
 
 
@@ -73,8 +79,34 @@ def _entries(path) -> dict:
             if _state["entries"] is None or _state["path"] != path:
                 _memo.clear()
                 _state["entries"] = TuneCache(path).load()
+                _state["families"] = None
                 _state["path"] = path
     return _state["entries"]
+
+
+def _family(kkey: KernelKey, gpu_id: str, cap, triton: str, library: str) -> tuple:
+    """An entry's kernel without its batch bucket: the entries one call may fall back to."""
+    return (kkey.cell, kkey.pass_, kkey.dtype, kkey.hidden, kkey.arch, gpu_id, tuple(cap),
+            triton, library)
+
+
+def _nearest_bucket(entries: dict, name: str) -> Optional[dict]:
+    """The entry of the tuned bucket nearest to ``name``'s (log scale; ties: the larger)."""
+    if _state["families"] is None:
+        families: dict = {}
+        for n in entries:
+            p = split_entry_key(n)
+            fam = _family(p["kernel_key"], p["gpu"], p["capability"], p["triton"], p["library"])
+            families.setdefault(fam, []).append((p["kernel_key"].batch_bucket, n))
+        _state["families"] = families
+    p = split_entry_key(name)
+    want = p["kernel_key"].batch_bucket
+    tuned = _state["families"].get(
+        _family(p["kernel_key"], p["gpu"], p["capability"], p["triton"], p["library"]))
+    if not tuned:
+        return None
+    _, best = min(tuned, key=lambda bn: (abs(bn[0].bit_length() - want.bit_length()), -bn[0]))
+    return entries[best]
 
 
 def _device_identity(device):
@@ -131,6 +163,8 @@ def _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, me
     key = KernelKey.for_shape(cell, pass_, dtype, hidden, batch, arch=cap[0] * 10 + cap[1])
     name = entry_key(key, gpu, cap)
     entry = entries.get(name)
+    if entry is None:
+        entry = _nearest_bucket(entries, name)
     if entry is None and tune_on and not getattr(_tuning, "active", False) \
             and name not in _failed:
         entry = _tune_now(key, name, gpu, cap, int(batch), device)
@@ -143,8 +177,9 @@ def _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, me
 def _tune_now(key: KernelKey, name: str, gpu: str, cap, batch: int, device) -> Optional[dict]:
     from .tuner import tune_and_store
     with _lock:
-        entry = _entries(cache_path()).get(name)
-        if entry is not None:
+        entries = _entries(cache_path())
+        entry = entries.get(name) or _nearest_bucket(entries, name)
+        if entry is not None:  # another thread tuned it (or a neighbour bucket) meanwhile
             return entry
         _tuning.active = True
         try:

@@ -31,6 +31,7 @@ Safety:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,15 +58,37 @@ class CacheWarning(UserWarning):
     """The cache file was unusable (it has been copied aside and rebuilt)."""
 
 
+_UMASK: Optional[int] = None
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a rewrite of ``path`` gets: the existing file's, else 0o666 less the umask.
+
+    ``mkstemp`` creates 0o600 files; a shared cache or an exported file must stay
+    readable by whoever could read it before.
+    """
+    global _UMASK
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
 def _write_doc_atomically(path: Path, entries: Dict[str, dict]) -> None:
     """Write a cache document with ``entries`` to ``path``: a temporary file, then a rename."""
     doc = _empty_doc()
     doc["entries"] = dict(sorted(entries.items()))
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
                                dir=str(path.parent) if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
+            os.fchmod(f.fileno(), mode)
+            json.dump(doc, f, indent=1, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -151,28 +174,52 @@ def split_entry_key(text: str) -> dict:
             "triton": parts[3][len("triton-"):], "library": parts[4][len("triton_rnn-"):]}
 
 
+def _finite_or_none(v) -> bool:
+    return v is None or (type(v) in (int, float) and math.isfinite(v))
+
+
 def validate_entry(name: str, entry) -> None:
-    """Check one entry; raises :class:`CacheFormatError` naming what is wrong."""
-    split_entry_key(name)
+    """Check one entry; raises :class:`CacheFormatError` naming what is wrong.
+
+    The key must be in the canonical form :func:`entry_key` writes (any other
+    spelling could never be looked up), the config must pass
+    :meth:`KernelConfig.from_dict`, and ``ms``/``default_ms``/``speedup`` and
+    each timing's ``ms`` must be finite numbers when present.
+    """
+    if not isinstance(name, str):
+        raise CacheFormatError(f"entry key {name!r} is not a string")
+    parts = split_entry_key(name)
+    canonical = entry_key(parts["kernel_key"], parts["gpu"], parts["capability"],
+                          triton=parts["triton"], library=parts["library"])
+    if name != canonical:
+        raise CacheFormatError(f"entry key {name!r} is not canonical (expected {canonical!r})")
     if not isinstance(entry, dict):
         raise CacheFormatError(f"entry {name!r} is not an object")
     if "config" not in entry:
         raise CacheFormatError(f"entry {name!r} has no config")
     try:
         KernelConfig.from_dict(entry["config"])
-    except (TypeError, ValueError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure means a bad config
         raise CacheFormatError(f"entry {name!r} has a bad config: {e}") from None
+    for field in ("ms", "default_ms", "speedup"):
+        if not _finite_or_none(entry.get(field)):
+            raise CacheFormatError(f"entry {name!r}: {field} must be a finite number, "
+                                   f"got {entry.get(field)!r}")
     timings = entry.get("timings", [])
     if not isinstance(timings, list):
         raise CacheFormatError(f"entry {name!r}: timings must be a list")
     for t in timings:
-        if not isinstance(t, dict) or "config" not in t:
-            raise CacheFormatError(f"entry {name!r}: malformed timing {t!r}")
+        if not isinstance(t, dict) or "config" not in t or not _finite_or_none(t.get("ms")):
+            raise CacheFormatError(f"entry {name!r}: malformed timing {t!r}"[:300])
 
 
 def _empty_doc() -> dict:
     return {"schema": SCHEMA_VERSION, "triton_version": triton_version(),
             "library_version": library_version(), "entries": {}}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed (strict JSON)")
 
 
 def parse_document(text: str, *, check_triton: bool = True) -> Tuple[Dict[str, dict], list]:
@@ -184,13 +231,15 @@ def parse_document(text: str, *, check_triton: bool = True) -> Tuple[Dict[str, d
     ``problems``.
     """
     try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheFormatError(f"not valid JSON ({e.msg} at line {e.lineno})"
-                               if isinstance(e, json.JSONDecodeError) else f"not text ({e})") from None
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise CacheFormatError(f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # NaN, a 5000-digit number, deep nesting...
+        raise CacheFormatError(f"not a usable JSON document ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from None
     if not isinstance(doc, dict):
         raise CacheFormatError("top level is not a JSON object")
-    if doc.get("schema") != SCHEMA_VERSION:
+    if type(doc.get("schema")) is not int or doc.get("schema") != SCHEMA_VERSION:
         raise CacheFormatError(f"schema {doc.get('schema')!r}, expected {SCHEMA_VERSION}")
     if check_triton and doc.get("triton_version") != triton_version():
         raise CacheFormatError(f"written by Triton {doc.get('triton_version')!r}, "
@@ -215,7 +264,10 @@ class TuneCache:
     _warned: set = set()
 
     def __init__(self, path=None):
-        self.path = Path(path) if path is not None else cache_path()
+        path = Path(path) if path is not None else cache_path()
+        # A symlinked cache file is updated where it points (and locked there), not
+        # replaced by a regular file beside the link.
+        self.path = Path(os.path.realpath(path)) if path.is_symlink() else path
         self.lock_path = self.path.with_name(self.path.name + ".lock")
 
     # -- helpers ----------------------------------------------------------
@@ -276,6 +328,7 @@ class TuneCache:
             return {}
         except (UnicodeDecodeError, OSError):
             text = None
+        entries = {}
         if text is not None:
             try:
                 entries, problems = parse_document(text)
@@ -288,11 +341,13 @@ class TuneCache:
             with self._lock():
                 return self._read_locked()
         except OSError as e:
+            # A read-only cache (a shared one, say): keep using its valid entries.
             key = (str(self.path), "oserror")
             if key not in self._warned:
                 self._warned.add(key)
-                self._warn(f"cannot repair {self.path} ({e}); ignoring it")
-            return {}
+                kept = f"using its {len(entries)} valid entries" if entries else "ignoring it"
+                self._warn(f"cannot repair {self.path} ({e}); {kept}")
+            return entries
 
     def get(self, name: str) -> Optional[dict]:
         return self.load().get(name)

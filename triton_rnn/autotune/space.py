@@ -14,13 +14,14 @@ A tuned tile is stored per :class:`KernelKey`:
   of ``W_hh`` each program keeps on chip: a tile that fits at ``hidden=768``
   may not fit at ``hidden=1024``, so two hidden sizes never share an entry;
 * ``batch bucket``: the batch size rounded **up** to a power of two, at least
-  1 and at most :data:`BATCH_CAP` (see :func:`batch_bucket`). A batch size
-  that was never tuned maps to an existing bucket, so a new batch size never
-  triggers a re-tune. Static checks run at the bucket's upper bound (its
-  largest batch), so a tile accepted for a bucket can be co-resident for every
-  batch in it. Batches above the cap share the top bucket (the launcher bounds
-  the number of batch-tile programs by what can be resident, and programs loop
-  over batch tiles, so the grid does not grow past what was checked);
+  1 and at most :data:`BATCH_CAP` (see :func:`batch_bucket`). A batch whose
+  bucket was never tuned takes the tile of the nearest tuned bucket of the same
+  kernel (:func:`triton_rnn.autotune.lookup_config`), so a new batch size
+  never triggers a re-tune or a recompile. Static checks run at the bucket's
+  upper bound (its largest batch). Batches above the cap share the top bucket.
+  Co-residency never depends on the batch: the launcher bounds the number of
+  batch-tile programs by what can be resident, and programs loop over batch
+  tiles, so the grid does not grow past what was checked;
 * ``arch``: the compute capability as an integer (``90`` for sm_90).
 
 The sequence length and the direction (uni/bi) are *not* part of the key: the
@@ -58,7 +59,7 @@ from typing import Callable, Iterable, List, Optional
 
 from ..functional import CELLS, GATES
 from ..kernels.config import KernelConfig
-from ..kernels.inspect import ARCH_LIMITS
+from ..kernels.inspect import arch_limits
 
 __all__ = [
     "CELLS", "PASSES", "DTYPES", "GATES", "BATCH_CAP",
@@ -83,8 +84,7 @@ BATCH_CAP = 1024
 
 def arch_info(arch: int):
     """``(num_sms, max_shared_bytes)`` for ``arch``, the nearest lower known one otherwise."""
-    known = sorted(a for a in ARCH_LIMITS if a <= arch) or [min(ARCH_LIMITS)]
-    lim = ARCH_LIMITS[known[-1]]
+    lim = arch_limits(arch)
     return lim["num_sms"], lim["max_smem_block"]
 
 

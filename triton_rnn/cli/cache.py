@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 from . import CLIError
@@ -80,10 +81,14 @@ def cmd_path(args) -> int:
 
 
 def _cfg_str(d) -> str:
-    if not isinstance(d, dict):
+    """``h32 b16 w8 s1`` (and ``k128`` for a weight-streaming tile)."""
+    from ..kernels.config import KernelConfig
+    try:
+        c = KernelConfig.from_dict(d)
+    except ValueError:
         return "?"
-    return (f"h{d.get('block_h')} b{d.get('block_b')} w{d.get('num_warps')} "
-            f"s{d.get('num_stages')}")
+    return (f"h{c.block_h} b{c.block_b} w{c.num_warps} s{c.num_stages}"
+            + (f" k{c.block_k}" if c.block_k else ""))
 
 
 def cmd_list(args) -> int:
@@ -138,7 +143,7 @@ def cmd_clear(args) -> int:
     if not args.yes:
         try:
             answer = input(f"Delete {n} entries from {cache.path}? [y/N] ")
-        except EOFError:
+        except (EOFError, RuntimeError, OSError):  # no stdin at all: nothing confirmed
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
@@ -167,7 +172,10 @@ def cmd_import(args) -> int:
     try:
         counts = cache.import_file(args.file)
     except OSError as e:
-        raise CLIError(f"cannot read {args.file}: {e.strerror or e}") from None
+        # Reading the source names it; anything else failed on the cache's side.
+        if e.filename is not None and os.path.abspath(e.filename) == os.path.abspath(args.file):
+            raise CLIError(f"cannot read {args.file}: {e.strerror or e}") from None
+        raise CLIError(f"cannot write {cache.path}: {e.strerror or e}") from None
     except CacheFormatError as e:
         raise CLIError(f"{args.file} is not a valid cache file: {e}") from None
     msg = f"imported {counts['added']} new, {counts['replaced']} replaced entries into {cache.path}"

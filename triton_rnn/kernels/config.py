@@ -5,6 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+#: ``(lowest, highest)`` value of each field that :meth:`KernelConfig.from_dict` accepts:
+#: a block is at most 1024 threads (32 warps), and tiles beyond these sizes could
+#: not fit one block's registers and shared memory on any GPU.
+FIELD_LIMITS = {
+    "block_h": (1, 8192),
+    "block_b": (1, 1024),
+    "num_warps": (1, 32),
+    "num_stages": (1, 8),
+    "block_k": (1, 8192),
+}
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """How one (layer, direction) is tiled across programs.
@@ -31,18 +43,31 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "KernelConfig":
+        """Build and check a config from untrusted data (a cache file, the command line).
+
+        Fields must be JSON integers (not booleans, floats or strings) within
+        :data:`FIELD_LIMITS`: powers of two, except ``num_stages``; ``block_k``
+        may also be 0. Raises ``ValueError`` naming the field otherwise.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a KernelConfig must be an object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown KernelConfig fields: {sorted(unknown)}")
-        cfg = cls(**{k: int(v) for k, v in d.items()})
-        for f in fields(cls):
-            v = getattr(cfg, f.name)
-            if f.name == "block_k" and v == 0:
+        missing = {"block_h", "block_b"} - set(d)
+        if missing:
+            raise ValueError(f"KernelConfig is missing {sorted(missing)}")
+        for name, v in d.items():
+            if type(v) is not int:
+                raise ValueError(f"KernelConfig.{name} must be an integer, got {v!r}")
+            lo, hi = FIELD_LIMITS[name]
+            if name == "block_k" and v == 0:
                 continue
-            if v < 1 or (f.name != "num_stages" and v & (v - 1)):
-                raise ValueError(f"KernelConfig.{f.name} must be a positive power of two, got {v}")
-        return cfg
+            if not lo <= v <= hi or (name != "num_stages" and v & (v - 1)):
+                kind = "an integer" if name == "num_stages" else "a power of two"
+                raise ValueError(f"KernelConfig.{name} must be {kind} in [{lo}, {hi}], got {v}")
+        return cls(**d)
 
     def __str__(self) -> str:
         return (f"block_h={self.block_h} block_b={self.block_b} "

@@ -42,6 +42,14 @@ ARCH_LIMITS = {
              threads_per_sm=2048),
 }
 
+
+
+def arch_limits(arch: int) -> dict:
+    """:data:`ARCH_LIMITS` of ``arch``, else of the nearest lower known one (else the lowest)."""
+    known = sorted(a for a in ARCH_LIMITS if a <= arch) or [min(ARCH_LIMITS)]
+    return ARCH_LIMITS[known[-1]]
+
+
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -184,10 +192,10 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
     from .launch import default_config
 
     if config is None:
-        config = default_config(cell, pass_, dtype, hidden, batch, ARCH_LIMITS[arch]["num_sms"])
+        config = default_config(cell, pass_, dtype, hidden, batch, arch_limits(arch)["num_sms"])
     info = _binary_facts(cell, pass_, dtype, hidden, config, arch)
     regs, stack, local, shared = info["regs"], info["stack"], info["local"], info["shared"]
-    lim = ARCH_LIMITS.get(arch, ARCH_LIMITS[90])
+    lim = arch_limits(arch)
     threads = 32 * config.num_warps
     regs_per_warp = ((regs * 32 + 255) // 256) * 256
     per_sm = min(lim["regs_per_sm"] // max(regs_per_warp * config.num_warps, 1),
