@@ -130,6 +130,28 @@ def test_zero_batch_through_triton():
     m = triton_rnn.LSTM(3, 4, backend="triton")
     out, (h, c) = m(torch.randn(2, 0, 3))
     assert out.shape == (2, 0, 4) and h.shape == (1, 0, 4) and c.shape == (1, 0, 4)
+    # Every parameter gets a zero gradient, as torch gives (DDP on an empty rank needs them).
+    (out.sum() + h.sum() + c.sum()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore:The tensor attributes:UserWarning")
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_tracing_export_and_meta_use_torchs_op(kind):
+    """jit.trace, torch.export and meta tensors get torch's RNN op, not the opaque kernels."""
+    torch.manual_seed(0)
+    m = getattr(triton_rnn, kind)(3, 5, backend="triton")
+    x = torch.randn(4, 2, 3)
+    traced = torch.jit.trace(m, (x,), check_trace=False)
+    assert f"aten::{kind.lower()}" in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x)[0], m(x)[0], atol=1e-6, rtol=1e-6)
+    exported = torch.export.export(m, (x,))
+    assert any(kind.lower() in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x)[0], m(x)[0], atol=1e-6, rtol=1e-6)
+    meta = getattr(triton_rnn, kind)(3, 5, backend="triton", device="meta")
+    assert meta(torch.randn(4, 2, 3, device="meta"))[0].shape == (4, 2, 5)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
@@ -162,8 +184,10 @@ def test_float64_runs_on_torch_with_a_warning():
     m = triton_rnn.GRU(3, 5, backend="triton").double()
     m.load_state_dict(ref.state_dict())
     x = torch.randn(4, 2, 3, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="torch's implementation"):
+    triton_rnn.modules._warned.discard(("dtype", torch.float64))
+    with pytest.warns(RuntimeWarning, match="torch's implementation") as w:
         out = m(x)[0]
+    assert w[0].filename == __file__  # points at the caller, not torch's Module.__call__
     torch.testing.assert_close(out, ref(x)[0], atol=0, rtol=0)
 
 

@@ -79,6 +79,12 @@ def test_pickle_to_half_flatten_all_weights():
 def test_backend_argument_and_environment(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         triton_rnn.GRU(4, 4, backend="cudnn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        triton_rnn.GRU(4, 4, backend=123)
+    assert "backend='triton'" in repr(triton_rnn.GRU(4, 4, backend="Triton"))
+    monkeypatch.setenv("TRITON_RNN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match=r"TRITON_RNN_BACKEND"):
+        triton_rnn.GRU(4, 4)
     monkeypatch.setenv("TRITON_RNN_BACKEND", "torch")
     assert triton_rnn.GRU(4, 4).backend == "torch"
     assert triton_rnn.GRU(4, 4, backend="triton").backend == "triton"
@@ -154,6 +160,14 @@ def test_errors_match_torch(kind, what):
     assert str(e_mine) == str(e_ref)
 
 
+def test_lstm_with_three_states_is_refused_like_torch():
+    mine = triton_rnn.LSTM(4, 6, backend="triton")
+    mine._sequence_backend = "reference"
+    h = torch.randn(1, 2, 6)
+    with pytest.raises(RuntimeError, match="^lstm expects two hidden states$"):
+        mine(torch.randn(3, 2, 4), (h, h.clone(), h.clone()))
+
+
 def test_c0_shape_error_matches_torch():
     ref, mine = torch.nn.LSTM(4, 6), triton_rnn.LSTM(4, 6, backend="triton")
     mine._sequence_backend = "reference"
@@ -171,7 +185,7 @@ def test_state_dtype_and_device_mismatch_are_named(kind):
     x = torch.randn(3, 2, 4)
     h = torch.randn(1, 2, 6, dtype=torch.float64)
     hx = (h, h.clone()) if kind == "LSTM" else h
-    with pytest.raises(RuntimeError, match=r"not the same dtype.*torch\.float32.*torch\.float64"):
+    with pytest.raises(RuntimeError, match=r"not the same dtype, found input tensor with Float and hidden tensor with Double"):
         mine(x, hx)
     h = torch.randn(1, 2, 6, device="meta")
     hx = (h, h.clone()) if kind == "LSTM" else h

@@ -190,9 +190,11 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     T, B, _ = x.shape
     H = w_hh.shape[0] // CELL_SPECS[cell].gates
     if B == 0:
-        # torch returns empty outputs for an empty batch; keep the autograd graph.
-        out = x.new_zeros(T, 0, h0.shape[-1]) + 0 * x.sum()
-        return out, h0 + 0 * x.sum(), (c0 + 0 * x.sum()) if c0 is not None else None
+        # torch returns empty outputs for an empty batch, and zero (not None) gradients
+        # for every parameter: keep them all in the autograd graph.
+        zero = 0 * sum(t.sum() for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None)
+        out = x.new_zeros(T, 0, h0.shape[-1]) + zero
+        return out, h0 + zero, (c0 + zero) if c0 is not None else None
     bsz = None
     if lengths is not None:
         steps = torch.arange(T)

@@ -53,17 +53,34 @@ def cell_name(mode: str) -> str:
     return name
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+def check_backend(backend: Optional[str]) -> str:
+    """``backend`` (``None``: ``$TRITON_RNN_BACKEND``, default ``"auto"``), lower-cased and checked."""
+    where = ""
+    if backend is None:
+        backend = os.environ.get("TRITON_RNN_BACKEND", "auto") or "auto"
+        where = " ($TRITON_RNN_BACKEND)"
+    if not isinstance(backend, str) or backend.lower() not in MODULE_BACKENDS:
+        raise ValueError(f"backend must be one of {MODULE_BACKENDS}, got {backend!r}{where}")
+    return backend.lower()
+
+
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """Turn a module's ``backend`` argument into ``"triton"`` or ``"torch"``.
 
     ``None`` reads ``$TRITON_RNN_BACKEND`` (default ``"auto"``). ``"auto"`` is
-    ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
+    ``"triton"`` for CUDA tensors and ``"torch"`` otherwise. Meta tensors,
+    ``torch.jit.trace`` and ``torch.export`` always get ``"torch"``.
     """
-    if backend is None:
-        backend = os.environ.get("TRITON_RNN_BACKEND", "auto") or "auto"
-    backend = backend.lower()
-    if backend not in MODULE_BACKENDS:
-        raise ValueError(f"backend must be one of {MODULE_BACKENDS}, got {backend!r}")
+    backend = check_backend(backend)
+    if device.type == "meta" or torch.jit.is_tracing() or _exporting():
+        # Shapes only, or a graph for TorchScript/ONNX/torch.export: torch's own RNN op
+        # is what those understand (the kernels are opaque host code to them).
+        return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend
@@ -137,8 +154,13 @@ def reference_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w
 # --------------------------------------------------------------------------
 
 
+def _scalar_type(dtype: torch.dtype) -> str:
+    """ATen's name of a dtype (``Float``, ``Half``, ``BFloat16``), as its RNN errors print it."""
+    return torch.empty((), dtype=dtype).type().rsplit(".", 1)[-1][: -len("Tensor")]
+
+
 def _check_state_args(input: Tensor, states: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
-    """Raise torch-style errors for dtype or device mismatches between tensors."""
+    """Raise torch-style errors (ATen's ``check_attributes``) for dtype or device mismatches."""
     for s in states:
         if s.device != input.device:
             raise RuntimeError(
@@ -147,7 +169,7 @@ def _check_state_args(input: Tensor, states: Sequence[Tensor], weights: Sequence
         if s.dtype != input.dtype:
             raise RuntimeError(
                 "Input and hidden tensors are not the same dtype, found input tensor with "
-                f"{input.dtype} and hidden tensor with {s.dtype}")
+                f"{_scalar_type(input.dtype)} and hidden tensor with {_scalar_type(s.dtype)}")
     for w in weights:
         if w.device != input.device:
             raise RuntimeError(
@@ -156,7 +178,7 @@ def _check_state_args(input: Tensor, states: Sequence[Tensor], weights: Sequence
         if w.dtype != input.dtype:
             raise RuntimeError(
                 "Input and parameter tensors are not the same dtype, found input tensor with "
-                f"{input.dtype} and parameter tensor with {w.dtype}")
+                f"{_scalar_type(input.dtype)} and parameter tensor with {_scalar_type(w.dtype)}")
 
 
 def _sequence_fn(backend: str) -> Callable:

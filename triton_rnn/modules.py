@@ -57,9 +57,9 @@ class _TritonRNNMixin:
 
     @backend.setter
     def backend(self, value: Optional[str]) -> None:
-        if value is not None and value.lower() not in Fn.MODULE_BACKENDS:
-            raise ValueError(f"backend must be one of {Fn.MODULE_BACKENDS}, got {value!r}")
-        self._backend = value
+        # None defers to $TRITON_RNN_BACKEND at each call; a bad value there fails now too.
+        checked = Fn.check_backend(value)
+        self._backend = None if value is None else checked
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -78,12 +78,15 @@ class _TritonRNNMixin:
         if Fn.resolve_backend(self._backend, data.device) == "torch":
             return super().forward(input, hx)
         if self._sequence_backend == "triton" and data.dtype not in KERNEL_DTYPES:
-            # The kernels store fp16, bf16 or fp32; torch serves the rest (float64).
-            if data.is_floating_point() and ("dtype", data.dtype) not in _warned:
+            # The kernels store fp16, bf16 or fp32; torch serves the rest (float64). No
+            # warning when the weights' dtype differs: torch raises its own error then.
+            if (data.is_floating_point() and ("dtype", data.dtype) not in _warned
+                    and all(w.dtype == data.dtype for w in self._flat_weights)):
                 _warned.add(("dtype", data.dtype))
+                # stacklevel 4: past Module._call_impl and _wrapped_call_impl, at the caller.
                 warnings.warn(f"triton_rnn: the Triton kernels take {KERNEL_DTYPES}; running "
                               f"{data.dtype} with torch's implementation.", RuntimeWarning,
-                              stacklevel=2)
+                              stacklevel=4)
             return super().forward(input, hx)
         if (self._sequence_backend == "triton" and data.device.type != "cuda"
                 and not _interpreter_requested()):
@@ -142,6 +145,8 @@ class _TritonRNNMixin:
             self.check_forward_args(input, hx, batch_sizes)
         else:
             self.check_forward_args(input, hx, batch_sizes)
+            if is_lstm and len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")  # ATen's check
             hx = self.permute_hidden(hx, sorted_indices)
 
         # torch.autocast: run in the autocast dtype, as torch's RNNs do on CUDA.
