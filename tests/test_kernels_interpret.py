@@ -3,9 +3,10 @@
 Small shapes only: the interpreter's cost grows with grid size x steps x ops.
 Split-hidden tilings run stepwise here (the interpreter runs programs one after
 another, so a grid barrier cannot work); the single-program tiling runs the
-whole time loop in one persistent launch. bf16 is not tested here: the
-interpreter's ``tl.dot`` is wrong for it (covered by the static report and the
-GPU tests).
+whole time loop in one persistent launch. The interpreter's ``tl.dot`` is
+wrong for bf16, so bf16 dots take fp32 operands here (exactly the products a
+GPU's bf16 tensor cores form); the bf16 dot itself is covered by the static
+report and the GPU tests.
 """
 
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import triton_rnn
-from rnn_testing import Case, compare, random_case
+from rnn_testing import Case, compare, compare_with_torch_low_precision, random_case
 from triton_rnn.kernels.config import KernelConfig
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -76,6 +77,19 @@ def test_packed_single_program_batch_first_states(poison_empty, kind):
 def test_fp16(poison_empty, kind):
     case = Case(kind=kind, input_size=8, hidden=16, bidirectional=False, T=4, B=4)
     compare(case, dtype=torch.float16, seed=6)
+
+
+@pytest.mark.parametrize("kind,tiling", [("GRU", "split"), ("LSTM", "single"),
+                                         ("RNN", "streamed")])
+def test_bf16(poison_empty, kind, tiling):
+    """bf16 storage and rounding, as accurate as torch's own bf16 RNNs (on the CPU here).
+
+    The interpreter's dots take fp32 operands (see ``_dot``): the products a GPU's
+    bf16 tensor cores form.
+    """
+    case = Case(kind=kind, input_size=8, hidden=16, bidirectional=True, T=4, B=4)
+    compare_with_torch_low_precision(case, dtype=torch.bfloat16, seed=7,
+                                     kernel_options=_opts(tiling))
 
 
 @pytest.mark.parametrize("seed", list(range(11, 35)))

@@ -186,8 +186,15 @@ def select_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's cuDNN TF32 switch, as cuDNN RNNs do; exact IEEE when it is off."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32:
+    """fp32 follows torch's cuDNN TF32 switch, as cuDNN RNNs do; exact IEEE when it is off.
+
+    Under Triton's interpreter bf16 dots take fp32 operands: its bf16 ``tl.dot``
+    is wrong (it multiplies the raw 16-bit patterns). The products of bf16 values
+    are exact in fp32, so this is what a GPU's bf16 tensor cores compute.
+    """
+    if interpreting():
+        return "fp32_operands" if dtype == torch.bfloat16 else "ieee"
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
 

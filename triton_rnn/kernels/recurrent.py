@@ -103,7 +103,14 @@ def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    """``acc + a @ b`` in fp32. ``DOT_PRECISION`` is Triton's ``input_precision``, or
+    ``"fp32_operands"``: both operands upcast to fp32 first (bf16 under Triton's
+    interpreter, whose bf16 ``tl.dot`` multiplies the raw bits; never on a GPU)."""
+    if DOT_PRECISION == "fp32_operands":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee",
+                      out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
 
 @triton.jit
