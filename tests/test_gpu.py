@@ -122,6 +122,26 @@ def test_non_coresident_grid_falls_back_and_stays_correct():
         got = m(x)[0]
     m.kernel_options = {"config": cfg, "mode": "stepwise"}
     torch.testing.assert_close(got, m(x)[0], atol=0, rtol=0)
+    # Gates 1 and 2 of W_hh start 2**30 and 2**31 elements in: against cuDNN in fp32, so
+    # an offset that wrapped in int32 (both modes would share it) shows.
+    ref = torch.nn.GRU(64, 32768, device="cuda")
+    ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    with torch.no_grad():
+        want = ref(x.float())[0]
+    torch.testing.assert_close(got.float(), want, **GPU_TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_module_on_second_gpu_while_first_is_current():
+    """Triton launches on the current device: the launcher must switch to the tensors' own."""
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(32, 256).to("cuda:1")
+    m = triton_rnn.GRU(32, 256, backend="triton").to("cuda:1")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 8, 32, device="cuda:1")
+    with torch.cuda.device(0):
+        got = m(x)[0]
+        torch.testing.assert_close(got, ref(x)[0], **GPU_TOL[torch.float32])
 
 
 def test_new_batch_size_or_length_does_not_recompile():

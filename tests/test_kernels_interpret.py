@@ -14,10 +14,13 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import triton_rnn
 from rnn_testing import Case, compare, compare_with_torch_low_precision, random_case
 from triton_rnn.kernels.config import KernelConfig
+from triton_rnn.kernels.recurrent import _gate_stride
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests (a GPU runs tests/test_gpu.py)")
@@ -222,3 +225,23 @@ def test_torch_compile_runs_the_kernels_eagerly():
     torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
     for g, w in zip(torch.autograd.grad(got, list(rnn.parameters())), grads):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
+@triton.jit
+def _gate_offsets_kernel(OUT, H):
+    s = _gate_stride(H)
+    tl.store(OUT, s)
+    tl.store(OUT + 1, 2 * s)
+    tl.store(OUT + 2, 3 * s)
+
+
+def test_gate_offsets_of_w_hh_are_64_bit():
+    """Gate g of W_hh starts g * H * H elements in: past 2**31 from hidden 26,755 (LSTM).
+
+    Allocating such a W_hh takes gigabytes, so this checks the offset arithmetic
+    the kernels use, in the interpreter (which wraps int32 like a GPU).
+    """
+    out = torch.zeros(3, dtype=torch.int64)
+    for hidden in (26755, 32768, 46341):
+        _gate_offsets_kernel[(1,)](out, hidden)
+        assert out.tolist() == [g * hidden * hidden for g in (1, 2, 3)], hidden

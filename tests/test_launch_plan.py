@@ -142,3 +142,32 @@ def test_a_refused_cooperative_launch_is_not_retried(gpu_props):
     k.refuse = False  # would succeed now, but the variant is remembered as refused
     _run(k, hidden=512, batch=4, cfg=KernelConfig(32, 16), T=2)
     assert not any(l[4] for l in k.launches) and len(k.launches) == 4
+
+
+def test_launches_run_on_the_tensors_device(gpu_props, monkeypatch):
+    """Triton launches on the *current* device: a model on cuda:1 must make cuda:1 current."""
+    current = [0]
+    seen = []
+
+    class DeviceGuard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **kw: real_zeros(*a, **kw))
+    k = FakeKernel()
+    real_getitem = FakeKernel.__getitem__
+    monkeypatch.setattr(FakeKernel, "__getitem__", lambda self, grid: (
+        seen.append(current[0]), real_getitem(self, grid))[1])
+    cfg = KernelConfig(16, 16)
+    for dev in (torch.device("cuda", 1), torch.device("cuda", 0)):
+        plan = launch._plan(64, 4, cfg, "stepwise")
+        launch._launch(k, plan, cfg, 3, 4, 64, (), {}, dev, "test forward")
+    assert seen == [1, 1, 1, 0, 0, 0] and current[0] == 0

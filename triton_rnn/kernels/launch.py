@@ -258,8 +258,19 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
     """Run all ``T`` steps: one persistent launch if possible, else one launch per step.
 
     ``args`` are the kernel's tensor arguments up to ``BATCH_SIZES``; the barrier
-    counters and ``T, B, H, t_begin, n_steps`` are appended here.
+    counters and ``T, B, H, t_begin, n_steps`` are appended here. Triton launches
+    on the current CUDA device and its current stream, so the tensors' device is
+    made current first (a model on ``cuda:1`` while ``cuda:0`` is current).
     """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:  # a tensor's device: indexed
+        with torch.cuda.device(device.index):
+            return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what)
+    return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what)
+
+
+def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
+                 meta: dict, device, what: str) -> None:
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
 
     def full(bar, t_begin, n_steps):

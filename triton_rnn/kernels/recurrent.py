@@ -68,6 +68,16 @@ def _load_gate_tiles(ptrs, mask, stride, NUM_GATES: tl.constexpr):
 
 
 @triton.jit
+def _gate_stride(H):
+    """``H * H`` in int64: elements between two gates' blocks of ``W_hh`` ``[G*H, H]``.
+
+    Gate ``g`` starts ``g * H * H`` elements in, past 2**31 from hidden 26,755
+    (LSTM) or 32,768 (GRU); in int32 the later gates would read before ``W``.
+    """
+    return tl.cast(H, tl.int64) * H
+
+
+@triton.jit
 def _weight_ptrs(W, offs_k, offs_n, H, BY_UNIT: tl.constexpr):
     """Pointers to gate 0's ``[K, BLOCK_H]`` tile: ``W[n, k]`` (forward) or ``W[k, n]`` (backward)."""
     if BY_UNIT:
@@ -92,8 +102,8 @@ def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl
         for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
             t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, BY_UNIT),
-                                              (offs_k < H)[:, None] & n_mask[None, :], H * H,
-                                              NUM_GATES)
+                                              (offs_k < H)[:, None] & n_mask[None, :],
+                                              _gate_stride(H), NUM_GATES)
             w0 = w0 + (t0,)
             w1 = w1 + (t1,)
             w2 = w2 + (t2,)
@@ -146,7 +156,7 @@ def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3
             h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & k_mask[None, :],
                         other=0.0, cache_modifier=".cg")
             v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, True),
-                                              k_mask[:, None] & n_mask[None, :], H * H,
+                                              k_mask[:, None] & n_mask[None, :], _gate_stride(H),
                                               NUM_GATES)
             a0 = _dot(h, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
@@ -192,7 +202,8 @@ def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, 
             for g in tl.static_range(NUM_GATES):
                 acc = _dot(tl.load(row + g * H + offs_k[None, :], mask=m, other=0.0,
                                    cache_modifier=".cg"),
-                           tl.load(wp + g * H * H, mask=wm, other=0.0), acc, DOT_PRECISION)
+                           tl.load(wp + g * _gate_stride(H), mask=wm, other=0.0), acc,
+                           DOT_PRECISION)
     return acc
 
 
