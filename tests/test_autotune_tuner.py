@@ -301,3 +301,47 @@ def test_static_pruning_with_the_real_compiler(tmp_path):
     assert rep["weights_loaded_in_loop"] is False
     assert [c for c, _ in out["dropped"]] == [REAL_TOO_BIG.to_dict()]
     assert len(out["lines"]) == 1 and "shared memory" in out["lines"][0], out["lines"]
+
+
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+def test_module_timer_runs_what_it_times(monkeypatch, pass_):
+    """The timer's calls, in the interpreter with do_bench replaced: a training forward
+    (activations written) for a forward key, forward plus backward for a backward key,
+    the candidate tile in the right slot, and fresh inputs on every call."""
+    import torch
+    import triton.testing
+
+    from triton_rnn.kernels import launch
+    calls = []
+    real_fwd, real_bwd = launch.forward, launch.backward
+
+    def fwd(*a, **kw):  # launch.forward(cell, xg, ..., cfg (9th), mode, save=...)
+        calls.append(("forward", a[9], kw.get("save"), float(a[1].float().sum())))
+        return real_fwd(*a, **kw)
+
+    def bwd(*a, **kw):  # launch.backward(cell, dout, ..., cfg (12th), mode)
+        calls.append(("backward", a[12]))
+        return real_bwd(*a, **kw)
+
+    def do_bench(fn, warmup, rep, return_mode, grad_to_none=None):
+        for _ in range(3):
+            fn()
+        return 0.25
+    monkeypatch.setattr(launch, "forward", fwd)
+    monkeypatch.setattr(launch, "backward", bwd)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    fixed, cand = KernelConfig(8, 2), KernelConfig(4, 2)
+    t = tuner.ModuleTimer(batch=3, seq_len=4, device="cpu", forward_config=fixed,
+                          warmup_calls=1, rotate=2)
+    ms = t(KernelKey.for_shape("gru", pass_, "float32", 8, 3), cand)
+    assert ms == 0.25
+    fwds = [c for c in calls if c[0] == "forward"]
+    bwds = [c for c in calls if c[0] == "backward"]
+    assert len(fwds) == 4 and all(save for _, _, save, _ in fwds)
+    assert len({s for *_, s in fwds}) == 2  # two inputs, used in turn
+    if pass_ == "forward":
+        assert bwds == [] and all(c == cand for _, c, _, _ in fwds)
+    else:
+        assert len(bwds) == 4 and all(c == cand for _, c in bwds)
+        assert all(c == fixed for _, c, _, _ in fwds)

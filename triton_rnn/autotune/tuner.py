@@ -218,8 +218,11 @@ class ModuleTimer:
     and run on ``rotate`` fresh ``randn`` inputs (and initial states, and output
     gradients for the backward pass), used in turn so no two consecutive calls
     see the same data. After ``warmup_calls`` calls (compilation) it returns the
-    median of ``triton.testing.do_bench``. For a backward key it times forward
-    plus backward, with the forward tile fixed to ``forward_config``.
+    median of ``triton.testing.do_bench``. A forward key is timed as a training
+    forward (the kernel also writes the activations the backward reads, which
+    an inference call skips), since training is where the time goes. For a
+    backward key it times forward plus backward, with the forward tile fixed to
+    ``forward_config``.
     """
 
     def __init__(self, batch: int, seq_len: int = 64, direction: str = "uni", device="cuda",
@@ -275,8 +278,7 @@ class ModuleTimer:
             i = turn[0] % self.rotate
             turn[0] += 1
             if gos is None:
-                with torch.no_grad():
-                    m(xs[i], hs[i])
+                m(xs[i], hs[i])  # parameters require grad: the training forward
             else:
                 out, _ = m(xs[i], hs[i])
                 out.backward(gos[i])
