@@ -84,6 +84,15 @@ def test_split_hidden_is_one_cooperative_launch_with_a_bounded_grid(gpu_props):
     assert grid_h == 64 and grid_b == 264 // 64 and barrier and coop and n_steps == 5
 
 
+def test_barrier_counters_never_overflow(gpu_props, monkeypatch):
+    """The int32 counters reach steps x hidden blocks: long sequences take several launches."""
+    monkeypatch.setattr(launch, "BARRIER_COUNT_LIMIT", 64 * 2 + 5)  # two steps of 64 blocks
+    k = FakeKernel(n_regs=128, shared=100_000)
+    _run(k, hidden=1024, batch=16, cfg=KernelConfig(16, 16), T=5)
+    assert [(l[0][1], l[1], l[2], l[3], l[4]) for l in k.launches] == [
+        (64, 0, 2, True, True), (64, 2, 2, True, True), (64, 4, 1, True, True)]
+
+
 def test_grid_that_cannot_be_resident_falls_back_to_stepwise(gpu_props):
     k = FakeKernel(n_regs=255, shared=200_000)  # 1 program per SM: 132 < 256 hidden blocks
     with pytest.warns(RuntimeWarning, match="cannot run persistently.*exceed"):

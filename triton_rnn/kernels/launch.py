@@ -60,6 +60,9 @@ ONCHIP_WEIGHT_TARGET = 96 * 1024
 RESIDENT_K_CHUNK = 256
 #: Largest streamed weight chunk (all gates, ``block_k`` inputs) of the default configs.
 STREAM_CHUNK_LIMIT = 48 * 1024
+#: Largest value of a grid barrier's int32 arrival counter: one persistent launch
+#: runs at most this many steps x hidden blocks (more take several launches).
+BARRIER_COUNT_LIMIT = 2**31 - 1
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -296,9 +299,16 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
             _fit_cache[vkey] = (fit, None)
         grid_b = min(plan.grid_b, fit // plan.grid_h)
         if grid_b >= 1:
+            # The int32 barrier counters reach n_steps * grid_h: more steps than that
+            # allows (millions) run as several launches, each with zeroed counters.
+            chunk = max(1, BARRIER_COUNT_LIMIT // plan.grid_h)
             try:
-                kernel[(grid_b, plan.grid_h)](*full(bar[:grid_b], 0, T), USE_BARRIER=True,
-                                              launch_cooperative_grid=True, **opts)
+                for t0 in range(0, T, chunk):
+                    if t0:
+                        bar.zero_()
+                    kernel[(grid_b, plan.grid_h)](*full(bar[:grid_b], t0, min(chunk, T - t0)),
+                                                  USE_BARRIER=True, launch_cooperative_grid=True,
+                                                  **opts)
                 return
             except RuntimeError as e:  # the driver refused the cooperative launch
                 reason = f"cooperative launch failed ({e})"
