@@ -64,6 +64,10 @@ def test_occupancy_from_registers_shared_memory_and_threads(gpu_props):
     assert launch._max_resident_programs(c, 8, None) == 132 * 1  # registers: 1 per SM
     c = types.SimpleNamespace(n_regs=32, metadata=types.SimpleNamespace(shared=0))
     assert launch._max_resident_programs(c, 8, None) == 132 * 8  # threads: 8 per SM
+    # 136 registers: 3 warps per sub-partition, 12 per SM; 6 two-warp programs, not 7.
+    c = types.SimpleNamespace(n_regs=136, metadata=types.SimpleNamespace(shared=0))
+    assert launch._max_resident_programs(c, 2, None) == 132 * 6
+    assert launch._max_resident_programs(c, 4, None) == 132 * 3
 
 
 def test_single_program_tiling_needs_no_barrier(gpu_props):

@@ -189,18 +189,15 @@ def _binary_facts(cell, pass_, dtype, hidden, config, arch) -> dict:
 def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
     import triton
 
-    from .launch import default_config
+    from .launch import default_config, programs_per_sm
 
     if config is None:
         config = default_config(cell, pass_, dtype, hidden, batch, arch_limits(arch)["num_sms"])
     info = _binary_facts(cell, pass_, dtype, hidden, config, arch)
     regs, stack, local, shared = info["regs"], info["stack"], info["local"], info["shared"]
     lim = arch_limits(arch)
-    threads = 32 * config.num_warps
-    regs_per_warp = ((regs * 32 + 255) // 256) * 256
-    per_sm = min(lim["regs_per_sm"] // max(regs_per_warp * config.num_warps, 1),
-                 lim["threads_per_sm"] // threads,
-                 lim["smem_per_sm"] // (shared + 1024) if shared else 32, 32)
+    per_sm = programs_per_sm(regs, config.num_warps, shared, lim["regs_per_sm"],
+                             lim["threads_per_sm"], lim["smem_per_sm"])
     if shared > lim["max_smem_block"]:
         per_sm = 0
     max_programs = per_sm * lim["num_sms"]

@@ -213,19 +213,29 @@ class _Plan:
     use_barrier: bool
 
 
+def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
+                    threads_per_sm: int, smem_per_sm: int) -> int:
+    """How many programs of this size one SM holds at once (at most 32 blocks).
+
+    Registers are allocated per warp in units of 256 and sit in four
+    sub-partitions that each hold whole warps; each block's shared memory also
+    reserves 1 KB for the runtime.
+    """
+    regs_per_warp = ((max(regs_per_thread, 1) * 32 + 255) // 256) * 256
+    by_regs = 4 * ((regs_per_sm // 4) // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_smem = smem_per_sm // (shared_bytes + 1024) if shared_bytes else by_threads
+    return max(0, min(by_regs, by_threads, by_smem, 32))
+
+
 def _max_resident_programs(compiled, num_warps: int, device) -> int:
     """Programs that fit on the whole GPU at once, from the compiled kernel's resources."""
     props = torch.cuda.get_device_properties(device)
-    threads = 32 * num_warps
-    regs_per_thread = max(int(getattr(compiled, "n_regs", 0) or 0), 1)
-    regs_per_warp = ((regs_per_thread * 32 + 255) // 256) * 256
-    regs_sm = int(getattr(props, "regs_per_multiprocessor", 65536) or 65536)
-    by_regs = regs_sm // (regs_per_warp * num_warps)
-    by_threads = int(getattr(props, "max_threads_per_multi_processor", 2048) or 2048) // threads
-    shared = int(compiled.metadata.shared)
-    smem_sm = int(getattr(props, "shared_memory_per_multiprocessor", 233472) or 233472)
-    by_smem = smem_sm // (shared + 1024) if shared else by_threads
-    per_sm = max(0, min(by_regs, by_threads, by_smem, 32))
+    per_sm = programs_per_sm(
+        int(getattr(compiled, "n_regs", 0) or 0), num_warps, int(compiled.metadata.shared),
+        int(getattr(props, "regs_per_multiprocessor", 65536) or 65536),
+        int(getattr(props, "max_threads_per_multi_processor", 2048) or 2048),
+        int(getattr(props, "shared_memory_per_multiprocessor", 233472) or 233472))
     return per_sm * props.multi_processor_count
 
 
