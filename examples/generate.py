@@ -17,6 +17,7 @@ import argparse
 import importlib
 import inspect
 import math
+import sys
 import time
 
 import torch
@@ -67,8 +68,14 @@ class CharLM(nn.Module):
 
 @torch.no_grad()
 def bits_per_char(model, data: torch.Tensor, seq_len: int, streams: int = 16) -> float:
-    """Score ``data`` as ``streams`` parallel streams, carrying the LSTM state across chunks."""
+    """Score ``data`` as ``streams`` parallel streams, carrying the LSTM state across chunks.
+
+    Short texts use fewer streams (each needs at least one character to predict).
+    """
+    if len(data) < 2:
+        raise ValueError(f"need at least 2 characters to score, got {len(data)}")
     model.eval()
+    streams = min(streams, len(data) - 1)
     n = (len(data) - 1) // streams
     x = data[: n * streams].view(streams, n)
     y = data[1: n * streams + 1].view(streams, n)
@@ -88,8 +95,12 @@ def unigram_bpc(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
 
 @torch.no_grad()
 def sample(model, prime: str, length: int, temperature: float, stoi, itos, device, gen) -> str:
+    unknown = sorted(set(prime) - set(stoi))
+    if not prime or unknown:
+        raise ValueError(f"the prime must be non-empty and use only characters of the "
+                         f"training text; unknown: {''.join(unknown)!r}")
     model.eval()
-    x = torch.tensor([[stoi.get(c, 0) for c in prime]], device=device)
+    x = torch.tensor([[stoi[c] for c in prime]], device=device)
     logits, state = model(x)
     out = []
     for _ in range(length):
@@ -131,6 +142,17 @@ def main(argv=None):
         train_text, val_text = train_text[: args.max_chars], val_text[: args.max_chars // 9]
     itos = sorted(set(train_text + val_text))
     stoi = {c: i for i, c in enumerate(itos)}
+    if len(train_text) < args.seq_len + 2 or len(val_text) < 2:
+        p.error(f"--max-chars {args.max_chars} leaves {len(train_text)} training and "
+                f"{len(val_text)} validation characters; need at least --seq-len + 2 = "
+                f"{args.seq_len + 2} and 2")
+    unknown = sorted(set(args.prime) - set(stoi))
+    prime = "".join(c for c in args.prime if c in stoi)
+    if unknown:
+        print(f"warning: --prime characters not in the text are left out: "
+              f"{' '.join(map(repr, unknown))}", file=sys.stderr)
+    if not prime:
+        p.error(f"--prime {args.prime!r} has no character of the text to start from")
     train = torch.tensor([stoi[c] for c in train_text], device=args.device)
     val = torch.tensor([stoi[c] for c in val_text], device=args.device)
     print(f"{len(docs)} stdlib docstrings ({len(MODULES)} modules), {len(itos)} distinct "
@@ -155,7 +177,7 @@ def main(argv=None):
         bar.set_postfix(bpc=f"{loss.item() / math.log(2):.2f}")
 
     print(f"sample (temperature {args.temperature}):")
-    print(sample(model, args.prime, args.sample_len, args.temperature, stoi, itos, args.device, gen))
+    print(sample(model, prime, args.sample_len, args.temperature, stoi, itos, args.device, gen))
     bpc = bits_per_char(model, val, args.seq_len)
     base = unigram_bpc(train, val, len(itos))
     print(f"validation bits/char: LSTM {bpc:.3f}, unigram baseline {base:.3f} "

@@ -1,11 +1,14 @@
 """Part-of-speech tagging (many-to-many) with a bidirectional ``triton_rnn.GRU``.
 
-Shows: one prediction per time step from a bidirectional GRU over padded batches,
-with the padding masked out of the loss and the metric. The embedded data set is a
-seeded toy grammar where many words change tag with context: "book" is a NOUN in
-"the book" but a VERB in "we book a table", "can" is AUX in "they can fly" and a
-NOUN in "a can", "light" is ADJ, NOUN or VERB... A most-frequent-tag-per-word
-baseline is scored on the same held-out sentences to show what context buys.
+Shows: one prediction per time step from a bidirectional GRU over right-padded
+batches. The batches are packed (``pack_padded_sequence(enforce_sorted=False)``), so
+the backward direction starts at each sentence's own last word and a sentence gets the
+same tags whatever else is in its batch; the padding is also masked out of the loss
+and the metric. The embedded data set is a seeded toy grammar where many words change
+tag with context: "book" is a NOUN in "the book" but a VERB in "we book a table",
+"can" is AUX in "they can fly" and a NOUN in "a can", "light" is ADJ, NOUN or VERB...
+No test sentence appears in the training set. A most-frequent-tag-per-word baseline
+is scored on the same held-out sentences to show what context buys.
 
     python examples/tagging.py                 # defaults: under 20 s on a 2-core CPU
     python examples/tagging.py --backend torch # force torch's GRU
@@ -20,7 +23,7 @@ from collections import Counter, defaultdict
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from tqdm import tqdm
 
 import triton_rnn
@@ -64,9 +67,25 @@ def sentence(rng: random.Random) -> tuple[list[str], list[str]]:
     return words, tags
 
 
-def make_data(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+def make_data(n: int, seed: int,
+              exclude: frozenset = frozenset()) -> list[tuple[list[str], list[str]]]:
+    """``n`` seeded sentences, none of whose word sequences is in ``exclude``."""
     rng = random.Random(seed)
-    return [sentence(rng) for _ in range(n)]
+    out: list[tuple[list[str], list[str]]] = []
+    for _ in range(1000 * n + 1000):
+        if len(out) == n:
+            return out
+        words, tags = sentence(rng)
+        if tuple(words) not in exclude:
+            out.append((words, tags))
+    raise SystemExit(f"could not draw {n} sentences outside the training set")
+
+
+def make_splits(train_size: int, test_size: int, seed: int):
+    """Train and test sentences, disjoint by text: no test sentence was seen in training."""
+    train = make_data(train_size, seed)
+    test = make_data(test_size, seed + 1, exclude=frozenset(tuple(w) for w, _ in train))
+    return train, test
 
 
 # ---------------------------------------------------------------------------
@@ -79,8 +98,14 @@ class GRUTagger(nn.Module):
         self.out = nn.Linear(2 * hidden, tags)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        output, _ = self.gru(self.embed(tokens))  # (batch, time, 2 * hidden)
-        return self.out(output)                   # (batch, time, tags)
+        """Tag logits ``(batch, time, tags)`` for right-padded ``tokens`` (0 = padding)."""
+        lengths = (tokens != 0).sum(1).cpu()  # padding only ever comes after the words
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                      enforce_sorted=False)
+        output, _ = self.gru(packed)
+        output, _ = pad_packed_sequence(output, batch_first=True,
+                                        total_length=tokens.size(1))  # zeros at padding
+        return self.out(output)  # (batch, time, tags)
 
 
 PAD = -100  # cross_entropy's default ignore_index
@@ -134,8 +159,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    train_data = make_data(args.train_size, seed=args.seed)
-    test_data = make_data(args.test_size, seed=args.seed + 1)
+    train_data, test_data = make_splits(args.train_size, args.test_size, args.seed)
     words = sorted({w for ws, _ in train_data for w in ws})
     vocab = {w: i + 2 for i, w in enumerate(words)}  # 0 = padding, 1 = unknown word
     tag_names = sorted(LEXICON)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import random
 import re
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import torch
 from triton_rnn.models.data import (DATE_FORMATS, Vocab, _fields, date_splits, detokenize, format_date,
                                     load_tsv, split_pairs, tokenize)
 from triton_rnn.models.seq2seq import ATTENTION_TYPES, Attention, Seq2Seq, default_config
-from triton_rnn.models.training import (collate, load_checkpoint, model_from_checkpoint,
-                                        save_checkpoint)
+from triton_rnn.models.training import (collate, encode_pairs, load_checkpoint,
+                                        model_from_checkpoint, save_checkpoint)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,8 +188,6 @@ def test_date_splits_are_seeded_disjoint_and_correct():
 
 
 def test_date_formats_examples():
-    import random
-
     d = dt.date(2021, 3, 3)
     rendered = {f.format(**_fields(d)) for f in DATE_FORMATS}
     for want in ("Wednesday, March 3rd 2021", "03/03/21", "3 Mar 2021", "2021 March 3",
@@ -224,6 +223,56 @@ def test_vocab_tokenize_and_tsv(tmp_path):
     bad.write_text("no tab here\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.tsv:1"):
         load_tsv(str(bad))
+
+
+def test_load_tsv_drops_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.tsv"
+    path.write_bytes("\ufeffhello\tbonjour\ncat\tchat\n".encode("utf-8"))
+    assert load_tsv(str(path)) == [("hello", "bonjour"), ("cat", "chat")]
+
+
+def test_literal_special_tokens_in_data_encode_as_unk():
+    """A word spelled "</s>" or "<pad>" is data: never EOS mid-target, never ignored as PAD."""
+    src, tgt = "a <pad> b </s> c <s> <unk>", "x </s> y <pad> z <s>"
+    sv, tv = Vocab.build([tokenize(src, "word")]), Vocab.build([tokenize(tgt, "word")])
+    assert sv.itos == ["<pad>", "<unk>", "<s>", "</s>", "a", "b", "c"]  # kept out of the vocab
+    ids = sv.encode(tokenize(src, "word"), bos=True, eos=True)
+    assert ids == [sv.bos_id, 4, sv.unk_id, 5, sv.unk_id, 6, sv.unk_id, sv.unk_id, sv.eos_id]
+    (s_ids, t_ids), = encode_pairs([(src, tgt)], sv, tv, "word")
+    _, _, tgt_in, tgt_out = collate([(s_ids, t_ids)])
+    assert tgt_out[0].tolist().count(tv.eos_id) == 1 and tgt_out[0, -1] == tv.eos_id
+    assert tv.pad_id not in tgt_out[0].tolist() and tgt_in[0].tolist().count(tv.bos_id) == 1
+    # a vocabulary read back from a checkpoint behaves the same
+    assert Vocab(tv.to_list()).encode(["</s>", "x"]) == [tv.unk_id, tv.stoi["x"]]
+
+
+def test_split_pairs_is_disjoint_by_normalized_source():
+    """"w1 x" and " w1  x " are one word-level input: they must land in the same split."""
+    pairs = ([(f"w{i} x", f"y{i}") for i in range(50)]
+             + [(f" w{i}  x ", f"y{i}") for i in range(50)]
+             + [(f"w{i} </s>", "z") for i in range(20)] + [(f"w{i} <unk>", "z") for i in range(20)])
+    tr, va, te = split_pairs(pairs, 10, 10, seed=0)
+    assert len(tr) + len(va) + len(te) == len(pairs)
+    keys = [{" ".join(tokenize(s, "word")).replace("</s>", "<unk>") for s, _ in x}
+            for x in (tr, va, te)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert len(keys[1]) == len(keys[2]) == 10  # sizes count normalized sources
+    # sources that are already normalized split exactly as they did by raw string
+    plain = [(f"s {i}", "t") for i in range(30)]
+    order = sorted(s for s, _ in plain)
+    random.Random(1).shuffle(order)
+    tr2, va2, te2 = split_pairs(plain, 3, 4, seed=1)
+    assert [s for s, _ in va2] == order[:3] and [s for s, _ in te2] == order[3:7]
+    assert len(tr2) == 23
+
+
+@pytest.mark.parametrize("val, test, name", [(-1, 3, "val_size"), (2, -1, "test_size")])
+def test_split_sizes_must_not_be_negative(val, test, name):
+    pairs = [(f"s{i}", f"t{i}") for i in range(20)]
+    with pytest.raises(ValueError, match=f"{name} \\(--{name.replace('_', '-')}\\) must be >= 0"):
+        split_pairs(pairs, val, test)
+    with pytest.raises(ValueError, match=name):
+        date_splits(100, val, test)
 
 
 # --------------------------------------------------------------------------

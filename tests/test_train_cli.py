@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from triton_rnn.cli import main
+from triton_rnn.models.data import Vocab
+from triton_rnn.models.seq2seq import Seq2Seq, default_config
+from triton_rnn.models.training import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-size", "96", "--val-size", "8", "--test-size", "8", "--batch-size", "16",
@@ -43,9 +46,9 @@ def test_train_then_translate_and_resume(tmp_path, capsys):
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["step"] == 6 and len(ck["history"]) == 2 and ck["tokenize"] == "char"
 
-    # translate: arguments, a file, beam search; one line per input.
+    # translate: arguments, a file, beam search; one line per input line, blank ones included.
     inputs = tmp_path / "in.txt"
-    inputs.write_text("March 3, 2021\n\n3 Mar 2021\n03/03/21\n", encoding="utf-8")
+    inputs.write_text("March 3, 2021\n\n3 Mar 2021\n  \n03/03/21\n", encoding="utf-8")
     capsys.readouterr()
     assert main(["translate", "--checkpoint", str(out / "best.pt"), "March 3, 2021",
                  "Tuesday, March 3rd 2021"]) == 0
@@ -53,7 +56,9 @@ def test_train_then_translate_and_resume(tmp_path, capsys):
     assert main(["translate", "--checkpoint", str(out / "best.pt"), "--file", str(inputs),
                  "--beam", "3", "--show-source"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["March 3, 2021", "3 Mar 2021", "03/03/21"]
+    assert [line.split("\t")[0] for line in lines] == ["March 3, 2021", "", "3 Mar 2021", "  ",
+                                                       "03/03/21"]
+    assert lines[1] == "\t" and lines[3] == "  \t"  # blank in, empty translation out
 
     # resume continues from the saved step with the saved data and model.
     assert main(["train", *TINY, "--steps", "8", "--eval-every", "4", "--out", str(out),
@@ -105,3 +110,103 @@ def test_two_process_ddp_matches_one_process(tmp_path, capsys):
     assert a["step"] == b["step"] == 4
     for k, v in b["model"].items():
         torch.testing.assert_close(a["model"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+# --------------------------------------------------------------------------
+# translate: bad checkpoints, bad numbers, blank lines (a tiny untrained model, no training)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    torch.manual_seed(0)
+    sv = Vocab(["<pad>", "<unk>", "<s>", "</s>"] + list("abc "))
+    tv = Vocab(["<pad>", "<unk>", "<s>", "</s>"] + list("xyz"))
+    model = Seq2Seq(default_config(len(sv), len(tv), emb=4, hidden=8, backend="torch"))
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(str(path), model, sv, tv, "char")
+    return path
+
+
+def _bad_checkpoints(good, d):
+    """name -> path of a broken variant of the checkpoint ``good``."""
+    raw = good.read_bytes()
+    ck = torch.load(good, weights_only=True)
+    out = {"truncated": raw[:len(raw) // 2], "empty": b"", "random": os.urandom(2000)}
+    paths = {}
+    for name, data in out.items():
+        paths[name] = d / f"{name}.pt"
+        paths[name].write_bytes(data)
+    paths["directory"] = d / "dir.pt"
+    paths["directory"].mkdir()
+    variants = {
+        "mismatch": dict(ck, config=dict(ck["config"], hidden=16)),
+        "noconfig": {k: v for k, v in ck.items() if k != "config"},
+        "badtokenize": dict(ck, tokenize="bpe"),
+        "badvocab": dict(ck, src_vocab=["a", "b"]),
+        "shortvocab": dict(ck, tgt_vocab=ck["tgt_vocab"][:-1]),
+        "notadict": [1, 2, 3],
+    }
+    for name, obj in variants.items():
+        paths[name] = d / f"{name}.pt"
+        torch.save(obj, paths[name])
+    return paths
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_translate_bad_checkpoints_are_one_line_errors(tmp_path, tiny_ckpt, capsys):
+    paths = _bad_checkpoints(tiny_ckpt, tmp_path)
+    _Evil.marker = tmp_path / "PWNED"
+    paths["evil"] = tmp_path / "evil.pt"
+    torch.save({"format": "triton-rnn-seq2seq/1", "evil": _Evil()}, paths["evil"])
+    capsys.readouterr()
+    for name, path in paths.items():
+        assert main(["translate", "--checkpoint", str(path), "abc"]) == 2, name
+        captured = capsys.readouterr()
+        err = captured.err.splitlines()
+        assert len(err) == 1 and str(path) in err[0], (name, captured.err)
+        assert "Traceback" not in captured.err and captured.out == "", name
+    assert not _Evil.marker.exists()  # nothing in the file was executed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_translate_device_without_cuda_is_an_error(tiny_ckpt, capsys):
+    for device in ("cuda", "cuda:1", "no-such-device"):
+        assert main(["translate", "--checkpoint", str(tiny_ckpt), "--device", device, "a"]) == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_translate_triton_backend_on_cpu_without_interpreter(tiny_ckpt, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["translate", "--checkpoint", str(tiny_ckpt), "--backend", "triton",
+                 "--device", "cpu", "abc"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--backend triton needs a CUDA" in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--max-len", "--batch-size", "--beam"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_translate_rejects_non_positive_numbers(tiny_ckpt, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["translate", "--checkpoint", str(tiny_ckpt), flag, value, "abc"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert f"argument {flag}: must be >= 1" in captured.err
+
+
+def test_translate_keeps_one_output_line_per_input_line(tmp_path, tiny_ckpt, capsys):
+    inputs = tmp_path / "in.txt"
+    inputs.write_bytes("\ufeffabc\n\n \t \nba\n\n".encode("utf-8"))  # BOM, blank lines
+    assert main(["translate", "--checkpoint", str(tiny_ckpt), "--file", str(inputs),
+                 "--show-source", "--batch-size", "1", "--max-len", "3"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == "" and len(lines) == 6, lines
+    assert [ln.rsplit("\t", 1)[0] for ln in lines[:-1]] == ["abc", "", " \t ", "ba", ""]
+    assert [ln.rsplit("\t", 1)[1] for ln in lines[:-1]][1:3] == ["", ""]
+    assert main(["translate", "--checkpoint", str(tiny_ckpt), "--file", str(inputs)]) == 0
+    assert capsys.readouterr().out.split("\n")[1:3] == ["", ""]

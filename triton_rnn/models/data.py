@@ -13,11 +13,17 @@ random noise in case and spacing, and asks for the ISO 8601 form
 Splits are disjoint by date: every calendar day belongs to at most one split,
 so no test date appears in training under any format.
 
-User data is a TSV file of ``source<TAB>target`` lines (:func:`load_tsv`),
-split disjointly by source string. Text is tokenized at character or
-whitespace level and the vocabularies, built from the training split only, are
-plain lists of strings so that they can be stored in a checkpoint that loads
-with ``torch.load(..., weights_only=True)``.
+User data is a TSV file of ``source<TAB>target`` lines (:func:`load_tsv`; UTF-8,
+with or without a byte-order mark), split disjointly by normalized source
+(:func:`split_pairs`: sources that differ only in whitespace count as one). Text
+is tokenized at character or whitespace level and the vocabularies, built from
+the training split only, are plain lists of strings so that they can be stored
+in a checkpoint that loads with ``torch.load(..., weights_only=True)``.
+
+Data never produces a special id: a literal ``"<pad>"``, ``"<unk>"``, ``"<s>"``
+or ``"</s>"`` word in word-level data is not in any vocabulary and encodes as
+``<unk>`` (:meth:`Vocab.encode`), so it cannot end a target early or be ignored
+by the loss as padding.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 __all__ = [
     "PAD", "UNK", "BOS", "EOS", "SPECIALS",
     "Vocab", "tokenize", "detokenize",
-    "format_date", "date_splits", "load_tsv", "split_pairs",
+    "format_date", "date_splits", "load_tsv", "source_key", "split_pairs",
 ]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -61,7 +67,14 @@ def detokenize(tokens: Sequence[str], mode: str = "char") -> str:
 
 
 class Vocab:
-    """Token <-> id mapping with :data:`SPECIALS` at ids 0-3."""
+    """Token <-> id mapping with :data:`SPECIALS` at ids 0-3.
+
+    The special ids are only ever added by the code (``bos``/``eos`` of
+    :meth:`encode`, padding in batches): a data token that happens to be spelled
+    like a special token (the word ``"</s>"`` in a text) encodes as ``<unk>``,
+    like any other token outside the vocabulary, and :meth:`build` leaves such
+    tokens out.
+    """
 
     def __init__(self, tokens: Iterable[str]):
         itos = list(tokens)
@@ -71,6 +84,8 @@ class Vocab:
             raise ValueError("duplicate tokens in vocabulary")
         self.itos: List[str] = itos
         self.stoi = {t: i for i, t in enumerate(itos)}
+        # what data tokens map to: everything but the special tokens
+        self._data_ids = {t: i for i, t in enumerate(itos) if i >= len(SPECIALS)}
 
     pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
 
@@ -94,7 +109,9 @@ class Vocab:
         return isinstance(other, Vocab) and self.itos == other.itos
 
     def encode(self, tokens: Sequence[str], bos: bool = False, eos: bool = False) -> List[int]:
-        ids = [self.stoi.get(t, self.unk_id) for t in tokens]
+        """Ids of data ``tokens`` (unknown ones and literal special tokens: ``<unk>``),
+        with BOS / EOS added if asked."""
+        ids = [self._data_ids.get(t, self.unk_id) for t in tokens]
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int], strip: bool = True) -> List[str]:
@@ -196,8 +213,9 @@ def date_splits(train_size: int = 6000, val_size: int = 500, test_size: int = 10
                 seed: int = 0, noise: bool = True) -> Tuple[List[Pair], List[Pair], List[Pair]]:
     """``(train, val, test)`` lists of ``(human date, ISO date)`` pairs, disjoint by date."""
     sizes = (train_size, val_size, test_size)
-    if min(sizes) < 0:
-        raise ValueError("split sizes must be >= 0")
+    for name, n in zip(("train_size", "val_size", "test_size"), sizes):
+        if n < 0:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 0, got {n}")
     if sum(sizes) > NUM_DAYS:
         raise ValueError(f"the dates task has {NUM_DAYS} distinct days; asked for {sum(sizes)}")
     rng = random.Random(seed)
@@ -219,9 +237,13 @@ def date_splits(train_size: int = 6000, val_size: int = 500, test_size: int = 10
 
 
 def load_tsv(path: str) -> List[Pair]:
-    """``(source, target)`` pairs from a file of ``source<TAB>target`` lines (blank lines skipped)."""
+    """``(source, target)`` pairs from a file of ``source<TAB>target`` lines (blank lines skipped).
+
+    The file is read as UTF-8; a leading byte-order mark (as Notepad and Excel
+    write) is dropped.
+    """
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -239,16 +261,33 @@ def load_tsv(path: str) -> List[Pair]:
     return pairs
 
 
+def source_key(source: str) -> str:
+    """The form of ``source`` that :func:`split_pairs` keeps disjoint across splits.
+
+    Whitespace is normalised (runs collapsed, ends stripped) and words spelled
+    like special tokens become ``<unk>``: two sources with the same key give the
+    same word-level model input. For the char tokenizer this is coarser than the
+    model input (``"a b"`` and ``"a  b"`` share a key), which only makes the
+    splits more cautious.
+    """
+    return " ".join(UNK if w in SPECIALS else w for w in source.split())
+
+
 def split_pairs(pairs: Sequence[Pair], val_size: int, test_size: int,
                 seed: int = 0) -> Tuple[List[Pair], List[Pair], List[Pair]]:
-    """Split ``pairs`` into train/val/test, disjoint by source string.
+    """Split ``pairs`` into train/val/test, disjoint by normalized source (:func:`source_key`).
 
-    All pairs sharing a source string go to the same split; ``val_size`` and
-    ``test_size`` count distinct source strings.
+    All pairs whose sources have the same key go to the same split, so a test
+    source never reappears in training with different spacing; ``val_size``
+    and ``test_size`` count distinct keys (both must be >= 0). Data whose
+    sources are already normalized splits exactly as it did by raw source string.
     """
+    for name, n in (("val_size", val_size), ("test_size", test_size)):
+        if n < 0:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 0, got {n}")
     groups: dict = {}
     for p in pairs:
-        groups.setdefault(p[0], []).append(p)
+        groups.setdefault(source_key(p[0]), []).append(p)
     sources = sorted(groups)
     random.Random(seed).shuffle(sources)
     if val_size + test_size >= len(sources):
