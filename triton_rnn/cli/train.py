@@ -6,10 +6,34 @@ Run under ``torchrun --nproc_per_node N`` for multi-process (DDP) training.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 
 from . import CLIError
 
 ATTENTION = ("dot", "general", "concat")
+#: Where the parsed arguments record the schedule options given on the command line.
+EXPLICIT = "explicit_options"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+class _Explicit(argparse.Action):
+    """Store the value and note that the option was given (a resumed run takes the
+    schedule options that were not given from its checkpoint)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, EXPLICIT, set(getattr(namespace, EXPLICIT, None) or ()) | {self.dest})
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,15 +63,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, default=0.1)
     m.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="RNN implementation (auto: Triton on CUDA, torch on CPU)")
-    t = p.add_argument_group("training")
+    t = p.add_argument_group(
+        "training", "With --resume, the schedule options (--epochs/--steps, --batch-size, --lr, "
+        "--warmup, --clip, --label-smoothing, --weight-decay) default to the checkpoint's.")
     length = t.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None, help="epochs (default 8)")
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
-    t.add_argument("--batch-size", type=int, default=64, help="global batch (split across processes)")
-    t.add_argument("--lr", type=float, default=3e-3, help="Adam peak learning rate")
-    t.add_argument("--warmup", type=int, default=100, help="warm-up steps before cosine decay")
-    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    t.add_argument("--label-smoothing", type=float, default=0.1)
+    length.add_argument("--epochs", type=_positive_int, default=None, action=_Explicit,
+                        help="epochs (default 8)")
+    length.add_argument("--steps", type=_positive_int, default=None, action=_Explicit,
+                        help="optimizer steps instead of epochs")
+    t.add_argument("--batch-size", type=int, default=64, action=_Explicit,
+                   help="global batch (split across processes)")
+    t.add_argument("--lr", type=float, default=3e-3, action=_Explicit,
+                   help="Adam peak learning rate")
+    t.add_argument("--warmup", type=int, default=100, action=_Explicit,
+                   help="warm-up steps before cosine decay")
+    t.add_argument("--clip", type=float, default=1.0, action=_Explicit,
+                   help="gradient-norm clipping (0: off)")
+    t.add_argument("--label-smoothing", type=float, default=0.1, action=_Explicit)
+    t.add_argument("--weight-decay", type=float, default=0.0, action=_Explicit,
+                   help="Adam weight decay (an L2 term added to the gradient)")
     t.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: each epoch)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
@@ -58,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/seq2seq", metavar="DIR")
     o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="resume from CKPT (default DIR/last.pt)")
+                   help="resume from CKPT (default DIR/last.pt) with its data, model and "
+                        "schedule; schedule options given here override the schedule")
     o.add_argument("--beam", type=int, default=1, help="beam size for the final test (1: greedy)")
     o.add_argument("--samples", type=int, default=5, help="sample translations to print")
     p.set_defaults(func=run)
@@ -70,11 +105,28 @@ def run(args) -> int:
         raise CLIError("--batch-size and --beam must be >= 1 and --hidden even and >= 2")
     if args.data is None and args.train_size < 1:
         raise CLIError("--train-size must be >= 1")
-    from ..models.training import DEFAULTS, train
+    from ..models.training import DEFAULTS, SCHEDULE_OPTIONS, RankFailed, train
 
     opts = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+    if args.resume:
+        # train() takes the schedule options that it is not passed from the checkpoint.
+        given = getattr(args, EXPLICIT, None) or ()
+        for k in SCHEDULE_OPTIONS:
+            if k not in given:
+                opts.pop(k, None)
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # triton_rnn's own warnings (a resume that cannot be exact, say): one line.
+        if f"{os.sep}triton_rnn{os.sep}" in filename:
+            print(f"triton-rnn train: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
     try:
-        train(opts)
-    except (ValueError, FileNotFoundError) as e:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            train(opts)
+    except (ValueError, OSError, RankFailed) as e:  # OSError: FileNotFoundError, a directory...
         raise CLIError(str(e)) from None
     return 0
