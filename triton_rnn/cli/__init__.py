@@ -29,6 +29,17 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts and sizes: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is reported in one line (no usage dump)."""
 

@@ -10,21 +10,11 @@ import os
 import sys
 import warnings
 
-from . import CLIError
+from . import CLIError, positive_int
 
 ATTENTION = ("dot", "general", "concat")
 #: Where the parsed arguments record the schedule options given on the command line.
 EXPLICIT = "explicit_options"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 class _Explicit(argparse.Action):
@@ -67,9 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "training", "With --resume, the schedule options (--epochs/--steps, --batch-size, --lr, "
         "--warmup, --clip, --label-smoothing, --weight-decay) default to the checkpoint's.")
     length = t.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_int, default=None, action=_Explicit,
+    length.add_argument("--epochs", type=positive_int, default=None, action=_Explicit,
                         help="epochs (default 8)")
-    length.add_argument("--steps", type=_positive_int, default=None, action=_Explicit,
+    length.add_argument("--steps", type=positive_int, default=None, action=_Explicit,
                         help="optimizer steps instead of epochs")
     t.add_argument("--batch-size", type=int, default=64, action=_Explicit,
                    help="global batch (split across processes)")

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import CLIError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from . import CLIError, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,9 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="sentences to translate")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="best.pt or last.pt")
     p.add_argument("--file", metavar="F", help="translate every line of F ('-': stdin)")
-    p.add_argument("--beam", type=_positive_int, default=1, help="beam size (1: greedy)")
-    p.add_argument("--max-len", type=_positive_int, default=64, help="maximum output tokens")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
+    p.add_argument("--max-len", type=positive_int, default=64, help="maximum output tokens")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
     p.add_argument("--show-source", action="store_true", help="print 'source<TAB>translation'")

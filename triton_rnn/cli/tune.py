@@ -13,21 +13,11 @@ import argparse
 import os
 import sys
 
-from . import CLIError
+from . import CLIError, positive_int
 from .inspect import parse_arch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _config(text: str):
@@ -48,10 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "tune", help="tune the kernel tile for one shape and cache it",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cell", choices=CELLS, required=True, help="recurrent cell")
-    p.add_argument("--hidden", type=_positive, required=True, help="hidden size (exact key)")
-    p.add_argument("--batch", type=_positive, default=32,
+    p.add_argument("--hidden", type=positive_int, required=True, help="hidden size (exact key)")
+    p.add_argument("--batch", type=positive_int, default=32,
                    help="batch size; the entry covers its power-of-two bucket (default 32)")
-    p.add_argument("--seq-len", type=_positive, default=64,
+    p.add_argument("--seq-len", type=positive_int, default=64,
                    help="time steps used for timing (default 64; not part of the key)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
     p.add_argument("--direction", choices=("uni", "bi"), default="uni",
