@@ -81,7 +81,7 @@ def test_bench_quick_cli_writes_json_table_and_plot(tmp_path):
 
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "triton/torch" in proc.stdout  # the table, with the ratio column
+    assert "triton vs torch" in proc.stdout  # the table, with the speedup column
     assert "| cell |" in md.read_text()
 
 
@@ -173,3 +173,29 @@ def test_grids_match_the_issue():
     assert len({s.key for s in full}) == len(full)
     quick = B.grid_shapes(B.QUICK_GRID)
     assert 8 <= len(quick) <= 24
+
+
+def test_every_shape_that_falls_back_is_flagged(monkeypatch):
+    """The launcher warns once per process; the bench must still flag each shape."""
+    import warnings
+
+    from triton_rnn.kernels import launch
+    real = B.Case.outputs_for_check
+
+    def falls_back(self, name):
+        if name == "triton":  # as the launcher reports a grid that cannot be resident
+            launch._warn_once(("gru forward", 4, "cfg"), "triton_rnn: gru forward cannot run "
+                              "persistently: ...; falling back to one launch per timestep.")
+        return real(self, name)
+
+    monkeypatch.setattr(B.Case, "outputs_for_check", falls_back)
+    monkeypatch.setattr(launch, "_warned", set())
+    flagged = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in (1, 2):
+            shape = B.Shape("gru", 8, batch, 3, "fp32", "fwd")
+            rec = B.measure_shape(shape, torch.device("cpu"), ["torch", "triton"], floors=None,
+                                  rounds=1, n_sets=2, host_reps=1)
+            flagged.append(rec["impls"]["triton"].get("fell_back_to_stepwise", False))
+    assert flagged == [True, True]

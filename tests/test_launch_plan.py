@@ -184,3 +184,19 @@ def test_launches_run_on_the_tensors_device(gpu_props, monkeypatch):
         plan = launch._plan(64, 4, cfg, "stepwise")
         launch._launch(k, plan, cfg, 3, 4, 64, (), {}, dev, "test forward")
     assert seen == [1, 1, 1, 0, 0, 0] and current[0] == 0
+
+
+def test_fp32_recurrence_follows_cudnns_rnn_tf32_switch(gpu_props):
+    """Also when conv and RNN precision were set apart (the legacy flag then raises)."""
+    rnn, conv = torch.backends.cudnn.rnn, torch.backends.cudnn.conv
+    if not hasattr(rnn, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision")
+    before = rnn.fp32_precision, conv.fp32_precision
+    try:
+        conv.fp32_precision, rnn.fp32_precision = "ieee", "tf32"
+        assert launch._dot_precision(torch.float32) == "tf32"
+        rnn.fp32_precision = "ieee"
+        assert launch._dot_precision(torch.float32) == "ieee"
+        assert launch._dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        rnn.fp32_precision, conv.fp32_precision = before

@@ -143,8 +143,13 @@ class RecurrenceFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = (dgx2 @ w_ih).view(T, B, I) if need[0] else None
         dw_ih = dgx2.t() @ x2 if need[3] else None
-        db_ih = dgx2.float().sum(0).to(x.dtype) if need[5] else None
-        db_hh = dgh2.float().sum(0).to(x.dtype) if need[6] else None
+        # Bias gradients accumulate in fp32 without an fp32 copy of the gate gradients;
+        # without GRU's split n gate, db_ih and db_hh are the same sum.
+        db_ih = dgx2.sum(0, dtype=torch.float32).to(x.dtype) if need[5] else None
+        db_hh = None
+        if need[6]:
+            db_hh = db_ih.clone() if db_ih is not None and dxn is None else \
+                dgh2.sum(0, dtype=torch.float32).to(x.dtype)
         dw_hh = dw_hr = None
         if need[4] or need[7]:
             # The kernel's state before every step; packed reverse rows start at their own

@@ -37,6 +37,7 @@ PNG of speedup against batch size (:func:`plot`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -210,6 +211,11 @@ def environment(device: torch.device) -> dict:
         })
         # torch routes bf16 RNNs to cuDNN only from cuDNN 9.13 on; before, its own kernels run.
         env["cudnn_rnn_bf16"] = bool(env["cudnn"] and env["cudnn"] >= 91300)
+        # fp32 shapes: cuDNN's RNN and the kernels' recurrence follow this switch; the
+        # kernels' input projection and weight gradients (torch matmuls) are timed with
+        # TF32 set to match it (see measure_shape).
+        from .kernels.launch import rnn_allows_tf32
+        env["fp32_rnn_tf32"] = rnn_allows_tf32()
         smi = _run_quiet(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
                           "--format=csv,noheader"])
         env["driver"] = smi.splitlines()[0] if smi else None
@@ -647,6 +653,36 @@ def measure_shape(shape: Shape, device: torch.device, impls: Sequence[str], *, f
     on; an error building the case (out of memory, say) makes the whole shape
     an error. Raises :class:`ContextLost` when the CUDA context is gone.
     """
+    with _fp32_matmuls_like_cudnn(shape, device):
+        return _measure_shape(shape, device, impls, floors=floors, warmup_ms=warmup_ms,
+                              rep_ms=rep_ms, rounds=rounds, n_sets=n_sets, host_reps=host_reps,
+                              cuda_graphs=cuda_graphs, check=check, seed=seed)
+
+
+@contextlib.contextmanager
+def _fp32_matmuls_like_cudnn(shape: "Shape", device: torch.device):
+    """For fp32 on a GPU, torch matmuls use TF32 exactly when cuDNN's RNNs do.
+
+    cuDNN runs a whole fp32 RNN in TF32 by default, and the kernels' recurrence
+    follows the same switch; the kernels' input projection and weight gradients
+    are torch matmuls, which follow ``torch.backends.cuda.matmul`` (IEEE by
+    default). Matching the two compares like with like.
+    """
+    if device.type != "cuda" or shape.dtype != "fp32":
+        yield
+        return
+    from .kernels.launch import rnn_allows_tf32
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = rnn_allows_tf32()
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _measure_shape(shape: Shape, device: torch.device, impls: Sequence[str], *, floors, warmup_ms,
+                   rep_ms, rounds, n_sets, host_reps, cuda_graphs, check, seed) -> dict:
+    from .kernels import launch
     t_start = time.perf_counter()
     rec: dict = {"key": shape.key, "shape": shape.to_dict(), "status": "running", "error": None,
                  "impls": {}}
@@ -667,6 +703,9 @@ def measure_shape(shape: Shape, device: torch.device, impls: Sequence[str], *, f
                 entries[name] = {"ms": None, "ms_rounds": [], "error": "not available"}
         rec["impls"] = entries
         # First call of each: compiles, warms up, and checks the output against torch.
+        # The launcher warns once per process about a fallback to stepwise launches:
+        # forget that, so every shape that falls back is flagged.
+        launch._warned.clear()
         ref = None
         for name in list(case.fns):
             try:
@@ -894,10 +933,14 @@ def _ref_label(doc: dict) -> str:
 def table_rows(doc: dict) -> List[List[str]]:
     ref = _ref_label(doc)
     impls = [n for n in doc.get("impls", IMPLS)]
+    # CUDA-graph replays (--cuda-graphs) get their own time columns.
+    impls += sorted({n for r in doc.get("results", []) for n in (r.get("impls") or {})
+                     if n.endswith("+graph")})
     head = ["cell", "pass", "dtype", "T", "B", "H"] + [f"{n} ms" for n in impls]
-    head += [f"triton/{ref}", f"stepwise/{ref}"]
+    # Speedups: the reference's time over the implementation's (> 1: faster than it).
+    head += [f"triton vs {ref}", f"stepwise vs {ref}"]
     if "flashrnn" in impls:
-        head.append(f"flashrnn/{ref}")
+        head.append(f"flashrnn vs {ref}")
     head += ["Mtok/s", "TFLOP/s", "floor ms", "bound", "%floor", "config", "status"]
     rows = [head]
     for r in doc.get("results", []):
@@ -958,6 +1001,9 @@ def markdown_report(doc: dict) -> str:
                                for k, v in (fl.get('barrier_latency_us') or {}).items()))
         out.append("")
     rows = table_rows(doc)
+    out.append(f"Times in ms; 'X vs {_ref_label(doc)}' is a speedup: {_ref_label(doc)}'s time over "
+               "X's (above 1: X is faster).")
+    out.append("")
     out.append("| " + " | ".join(rows[0]) + " |")
     out.append("|" + "---|" * len(rows[0]))
     for r in rows[1:]:

@@ -197,9 +197,25 @@ def _dot_precision(dtype: torch.dtype) -> str:
     """
     if interpreting():
         return "fp32_operands" if dtype == torch.bfloat16 else "ieee"
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and rnn_allows_tf32():
         return "tf32"
     return "ieee"
+
+
+def rnn_allows_tf32() -> bool:
+    """Whether torch lets cuDNN's RNNs compute fp32 in TF32 (the recurrence follows suit).
+
+    Reads ``torch.backends.cudnn.rnn.fp32_precision`` where torch has it (reading
+    the legacy ``cudnn.allow_tf32`` raises once the new API set conv and RNN
+    apart), else ``torch.backends.cudnn.allow_tf32``.
+    """
+    precision = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # legacy and new precision settings mixed
+        return True
 
 
 @dataclass
