@@ -5,14 +5,19 @@
 #
 # Runs from the repository root. Every step has its own time limit; a step that
 # fails or runs out of time is logged and the next one runs. The whole script
-# ends within $DEVICE_CHECK_BUDGET_S seconds (default 470: under 8 minutes),
-# each step's limit shrinking to leave the later steps their share.
+# ends within $DEVICE_CHECK_BUDGET_S seconds (default 450, so under 8 minutes
+# with the summary), each step's limit shrinking to leave the later steps their
+# share; a smaller budget shrinks every share in proportion. summary.md is
+# rewritten after every step, so a run cut short still returns one.
+# The device copy has no .git: pass the commit in the command, e.g.
+#   TRITON_RNN_GIT_COMMIT=<sha> bash benchmarks/device_check.sh
 # Everything printed goes to OUTDIR/device_check.log too. OUTDIR ends up with at
 # most 8 files (the device tool returns 8):
 #   summary.md            steps, versions, ceilings and the benchmark tables
 #   device_check.log      the full output of every step
 #   floors.json           measured ceilings (python -m benchmarks.floors)
 #   bench_quick.json/.png triton-rnn bench --quick against cuDNN
+#   bench_graphs.json     one shape with CUDA graphs (--cuda-graphs) for both
 #   bench_flashrnn.json   a few shapes against FlashRNN, when `import flashrnn` works
 # Wheels found under .whl/ (FlashRNN, say) are installed to /tmp/site first.
 # DEVICE_CHECK_SKIP_INSTALL=1 skips `pip install -e .` (PYTHONPATH=. is set anyway).
@@ -28,9 +33,13 @@ SUMMARY=$OUTDIR/summary.md
 : >"$LOG"
 PY=${PYTHON:-python3}
 START=$(date +%s)
-BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
 DEADLINE=$((START + BUDGET))
 STEPS_TSV=$(mktemp)
+# The reserves below were sized for a 470 s budget: scale them to this one.
+r() { echo $(($1 * BUDGET / 470)); }
+COMMIT=${TRITON_RNN_GIT_COMMIT:-$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)}
+export TRITON_RNN_GIT_COMMIT=$COMMIT
 
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -65,13 +74,37 @@ step() {
     log "--- $name: $what (rc $rc, ${took}s)"
     printf '%s\t%s\t%s\t%s\n' "$name" "$what" "$took" "$rc" >>"$STEPS_TSV"
     LAST_RC=$rc
+    write_summary
     return 0
+}
+
+# summary.md so far: steps, GPU test results, ceilings (the benchmark tables come at the end).
+write_summary() {
+    {
+        echo "# triton-rnn device check"
+        echo
+        echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(($(date +%s) - START)) s of a ${BUDGET} s budget"
+        echo "- commit: $COMMIT"
+        echo "- gpu: $( (nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true) | head -1 | grep . || echo none)"
+        echo
+        echo "| step | result | seconds | rc |"
+        echo "|---|---|---|---|"
+        while IFS=$'\t' read -r n w s r; do echo "| $n | $w | $s | $r |"; done <"$STEPS_TSV"
+        echo
+        grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b|no tests ran" "$LOG" | tail -1 | sed 's/^/gpu tests: /'
+        grep -E "^(FAILED|ERROR) tests/" "$LOG" | sed 's/^/- /' | head -20
+        echo
+        if [ -s "$OUTDIR/floors.json" ]; then
+            timeout 30 "$PY" "$ROOT/benchmarks/floors.py" --summarize "$OUTDIR/floors.json" 2>>"$LOG"
+        fi
+    } >"$SUMMARY.part"
+    mv -f "$SUMMARY.part" "$SUMMARY"
 }
 
 log "out dir: $OUTDIR, budget ${BUDGET}s, python: $(command -v "$PY")"
 
 # 1. Versions and device properties.
-step versions 30 420 "nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,compute_mode --format=csv
+step versions 30 $(r 420) "nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,compute_mode --format=csv
 $PY - <<'EOF'
 import platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -91,15 +124,15 @@ EOF"
 
 # 2. Install: carried wheels to /tmp/site, the package without deps (PYTHONPATH covers a failure).
 if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
-    step wheels 60 400 "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $ROOT/.whl/*.whl"
+    step wheels 60 $(r 400) "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $ROOT/.whl/*.whl"
     if [ "$LAST_RC" = 0 ]; then export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
 fi
 if [ -n "${DEVICE_CHECK_SKIP_INSTALL:-}" ]; then
     log "SKIP install: DEVICE_CHECK_SKIP_INSTALL is set (PYTHONPATH=$ROOT is used)"
 else
-    step install 60 390 "$PY -m pip install -q --no-deps --no-build-isolation -e ."
+    step install 60 $(r 390) "$PY -m pip install -q --no-deps --no-build-isolation -e ."
 fi
-step import 30 380 "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; print(\"triton_rnn\", triton_rnn.__version__, \"from\", triton_rnn.__file__)'"
+step import 30 $(r 380) "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; print(\"triton_rnn\", triton_rnn.__version__, \"from\", triton_rnn.__file__)'"
 
 # 3. The GPU-only tests.
 # Compiling dominates (each test builds its own kernels on the host CPU): with
@@ -107,10 +140,10 @@ step import 30 380 "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; print(
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
 # -v: each result is printed as it finishes, so a step cut short still says which passed.
-step gpu_tests 150 300 "$PY -m pytest -m gpu $XDIST -v -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py"
+step gpu_tests 150 $(r 300) "$PY -m pytest -m gpu $XDIST -v -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py"
 
 # 4. Ceilings: copy bandwidth, matrix rates, grid-barrier latency.
-step floors 75 250 "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout 40"
+step floors 75 $(r 250) "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout 40"
 FLOORS_ARG=""
 [ -s "$OUTDIR/floors.json" ] && FLOORS_ARG="--floors $OUTDIR/floors.json"
 
@@ -119,15 +152,15 @@ FLOORS_ARG=""
 # tile, all three kept by the static check on Triton 3.6 for both passes (others
 # near the default spill there and would only be dropped). Every candidate is
 # compiled twice (static check, then the timed launch), so the full set would not fit.
-step tune_gru 45 225 "$PY -m triton_rnn.cli tune --cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
-step tune_lstm 45 200 "$PY -m triton_rnn.cli tune --cell lstm --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
+step tune_gru 45 $(r 225) "$PY -m triton_rnn.cli tune --cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
+step tune_lstm 45 $(r 200) "$PY -m triton_rnn.cli tune --cell lstm --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
 
 # 6. The quick grid against cuDNN. The JSON is rewritten after every shape; if the
 # run dies (a lost CUDA context, a hang), a second run resumes with the rest.
 HAVE_FLASH=0
 $PY -c "import flashrnn" >/dev/null 2>&1 && HAVE_FLASH=1
 # The quick grid comes first; FlashRNN gets what is left, at least 70 s if it is there.
-FLASH_RESERVE=$((HAVE_FLASH ? 90 : 20))
+FLASH_RESERVE=$(r $((HAVE_FLASH ? 150 : 80)))
 now=$(date +%s)
 bench_limit=$((DEADLINE - now - FLASH_RESERVE))
 ((bench_limit > 240)) && bench_limit=240
@@ -140,7 +173,18 @@ if [ "$LAST_RC" != 0 ] && [ "$LAST_RC" != skipped ] && [ -s "$OUTDIR/bench_quick
     fi
 fi
 
-# 7. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
+# 7. CUDA graphs on one shape, for both implementations (the quick grid runs eagerly).
+GRAPH_RESERVE=$(r $((HAVE_FLASH ? 90 : 20)))
+now=$(date +%s)
+left=$((DEADLINE - now - GRAPH_RESERVE))
+((left > 60)) && left=60
+if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
+    step bench_graphs $left $GRAPH_RESERVE "$PY -m triton_rnn.cli bench --quick --cells gru --hidden 1024 --batch 64 --passes fwdbwd --impls triton,torch --cuda-graphs $FLOORS_ARG --out $OUTDIR/bench_graphs.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
+else
+    log "SKIP bench_graphs: no CUDA device"
+fi
+
+# 8. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
 if ((HAVE_FLASH)); then
     now=$(date +%s)
     left=$((DEADLINE - now - 20))
@@ -149,41 +193,10 @@ else
     log "SKIP bench_flashrnn: flashrnn is not importable (carry its wheel under .whl/ to include it)"
 fi
 
-# 8. Summary (always).
-rm -f "$OUTDIR"/*.tmp
-{
-    echo "# triton-rnn device check"
-    echo
-    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), total $(($(date +%s) - START)) s of a ${BUDGET} s budget"
-    echo "- commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
-    echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo none)"
-    echo
-    echo "| step | result | seconds | rc |"
-    echo "|---|---|---|---|"
-    while IFS=$'\t' read -r n w s r; do echo "| $n | $w | $s | $r |"; done <"$STEPS_TSV"
-    echo
-    grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b|no tests ran" "$LOG" | tail -1 | sed 's/^/gpu tests: /'
-    grep -E "^(FAILED|ERROR) tests/" "$LOG" | sed 's/^/- /' | head -20
-    echo
-} >"$SUMMARY"
-timeout 60 "$PY" - "$OUTDIR/floors.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
-import json, sys
-try:
-    d = json.load(open(sys.argv[1]))
-except Exception as e:
-    print(f"ceilings: unavailable ({type(e).__name__})\n"); sys.exit(0)
-print("## ceilings\n")
-bw = d.get("copy_bandwidth_gbps")
-print(f"- copy bandwidth: {bw:.0f} GB/s" if bw else "- copy bandwidth: unavailable")
-for k, v in (d.get("matmul_tflops") or {}).items():
-    print(f"- matmul {k}: {v:.1f} TFLOP/s")
-for k, v in (d.get("barrier_latency_us") or {}).items():
-    print(f"- grid barrier over {k} programs: {v:.3f} us")
-if d.get("errors"):
-    print(f"- errors: {json.dumps(d['errors'])[:800]}")
-print()
-EOF
-for name in bench_quick bench_flashrnn; do
+# 9. Summary (always), with the benchmark tables.
+rm -f "$OUTDIR"/*.tmp "$OUTDIR"/*.part
+write_summary
+for name in bench_quick bench_graphs bench_flashrnn; do
     if [ -s "$OUTDIR/$name.json" ]; then
         plot_arg="--no-plot"
         [ "$name" = bench_quick ] && plot_arg="--plot $OUTDIR/$name.png"

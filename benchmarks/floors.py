@@ -202,6 +202,23 @@ def _save(doc: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def summarize(path: Path) -> str:
+    """The ceilings of a floors JSON file as a markdown section (for device_check's summary)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except Exception as e:  # noqa: BLE001 - a missing or partial file is reported, not raised
+        return f"ceilings: unavailable ({type(e).__name__})\n"
+    lines = ["## ceilings", ""]
+    bw = d.get("copy_bandwidth_gbps")
+    lines.append(f"- copy bandwidth: {bw:.0f} GB/s" if bw else "- copy bandwidth: unavailable")
+    lines += [f"- matmul {k}: {v:.1f} TFLOP/s" for k, v in (d.get("matmul_tflops") or {}).items()]
+    lines += [f"- grid barrier over {k} programs: {v:.3f} us"
+              for k, v in (d.get("barrier_latency_us") or {}).items()]
+    if d.get("errors"):
+        lines.append(f"- errors: {json.dumps(d['errors'])[:800]}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.floors", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,7 +229,11 @@ def main(argv: Optional[list] = None) -> int:
                     help="seconds the barrier child may take (default 60)")
     ap.add_argument("--skip", default="", help="comma list of copy,matmul,barrier to skip")
     ap.add_argument("--barrier-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", metavar="FILE", help="print FILE's ceilings as markdown, and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(Path(args.summarize)))
+        return 0
 
     import torch
 
