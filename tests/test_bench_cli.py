@@ -153,9 +153,14 @@ def test_model_counts_and_floor():
     assert c["flops"] == 2 * 128 * 8 * 3 * 256 * (256 + 256)
     weights = 3 * 256 * 256 * 2 + 2 * 3 * 256
     assert c["bytes"] == 2 * (128 * 8 * 256 * 2 + weights + 2 * 8 * 256)
-    assert c["barriers"] == 128 and c["programs"] == 4
+    assert c["barriers"] == 128 and c["programs"] == 4 and c["programs_per_barrier"] == 4
     fl = B.floor_model(c, s, FLOORS)
-    assert fl["barrier_ms"] == pytest.approx(128 * 1.0e-3)  # 4 programs -> the 8-program latency
+    assert fl["barrier_ms"] == pytest.approx(128 * 0.5e-3)  # 4 programs: the 1-program latency
+    # 64 hidden blocks x 4 batch columns meet at 4 counters of 64: the 8-program latency.
+    s3 = B.Shape("gru", hidden=1024, batch=64, seq_len=128, dtype="bf16", pass_="fwd")
+    c3 = B.model_counts(s3, {"forward": {"block_h": 16, "block_b": 16}})
+    assert c3["programs"] == 256 and c3["programs_per_barrier"] == 64
+    assert B.floor_model(c3, s3, FLOORS)["barrier_ms"] == pytest.approx(128 * 1.0e-3)
     assert fl["compute_ms"] == pytest.approx(c["flops"] / 700e12 * 1e3)
     assert fl["bound"] == "barrier" and fl["floor_ms"] == fl["barrier_ms"]
     # One program holds all of W_hh: no barrier; fwd+bwd is three forwards of FLOPs.

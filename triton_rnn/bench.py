@@ -289,7 +289,7 @@ def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
         flops = 3 * fwd_flops
         elems = fwd_elems + T * B * H + T * B * I + weights + n_states * B * H
         n_pass = 2
-    programs = None
+    programs = per_barrier = None
     split = True
     fcfg = (configs or {}).get("forward")
     if isinstance(fcfg, dict) and "block_h" in fcfg:
@@ -297,10 +297,13 @@ def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
             bh, bb = int(fcfg["block_h"]), int(fcfg.get("block_b", B) or B)
             split = bh < H
             programs = math.ceil(H / bh) * math.ceil(B / max(1, bb))
+            # Each batch column of programs has its own barrier counter: the hidden
+            # blocks of one column meet at it.
+            per_barrier = math.ceil(H / bh)
         except (TypeError, ValueError):
             pass
     return {"flops": int(flops), "bytes": int(elems * es), "barriers": T * n_pass if split else 0,
-            "programs": programs}
+            "programs": programs, "programs_per_barrier": per_barrier}
 
 
 def _matmul_rate(floors: dict, dtype: str) -> Optional[float]:
@@ -316,6 +319,8 @@ def _matmul_rate(floors: dict, dtype: str) -> Optional[float]:
 
 
 def _barrier_us(floors: dict, programs: Optional[int]) -> Optional[float]:
+    """Measured latency of a barrier of ``programs`` programs, rounded *down* to the
+    nearest measured grid (latency grows with the grid; a floor must not overshoot)."""
     table = floors.get("barrier_latency_us") or {}
     pts = sorted((int(k), float(v)) for k, v in table.items()
                  if isinstance(v, (int, float)) and v > 0)
@@ -324,10 +329,8 @@ def _barrier_us(floors: dict, programs: Optional[int]) -> Optional[float]:
         return float(v) if isinstance(v, (int, float)) and v > 0 else None
     if programs is None:
         return pts[-1][1]
-    for n, v in pts:
-        if n >= programs:
-            return v
-    return pts[-1][1]
+    below = [v for n, v in pts if n <= programs]
+    return below[-1] if below else pts[0][1]
 
 
 def floor_model(counts: dict, shape: Shape, floors: Optional[dict]) -> Optional[dict]:
@@ -340,7 +343,7 @@ def floor_model(counts: dict, shape: Shape, floors: Optional[dict]) -> Optional[
         return None
     rate = _matmul_rate(floors, shape.dtype)
     bw = floors.get("copy_bandwidth_gbps")
-    bar = _barrier_us(floors, counts.get("programs"))
+    bar = _barrier_us(floors, counts.get("programs_per_barrier") or counts.get("programs"))
     terms = {
         "compute_ms": counts["flops"] / (rate * 1e12) * 1e3 if rate else None,
         "memory_ms": counts["bytes"] / (float(bw) * 1e9) * 1e3 if isinstance(bw, (int, float)) and bw > 0 else None,
