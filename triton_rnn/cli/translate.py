@@ -28,18 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "In PyTorch", "Re-running",
-                           "Please file an issue", "Check the documentation")
-
-
 def _reason(e, limit: int = 200) -> str:
-    """One short line saying why ``e`` happened (torch's long explanations trimmed)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(_TORCH_LOAD_BOILERPLATE)]
+    """One short line saying why ``e`` happened (a model that does not fit its checkpoint)."""
+    keep = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if keep and keep[0].startswith("Error(s) in loading state_dict"):
         # load_state_dict: the first mismatch is enough
         return "its weights do not match its config: " + _reason(" ".join(keep[1:2]), limit)
-    text = (keep or lines or [""])[0]
+    text = (keep or [""])[0]
     if isinstance(e, KeyError):
         text = f"missing entry {text}"
     elif ". " in text:
@@ -49,24 +44,13 @@ def _reason(e, limit: int = 200) -> str:
 
 
 def _device(name: str):
-    """``torch.device(name)``, checked to exist here, or a :class:`CLIError`."""
-    import torch
+    """:func:`~triton_rnn.models.training.resolve_device`, its errors as :class:`CLIError`."""
+    from ..models.training import resolve_device
 
     try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"invalid --device {name!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
-                           f"device(s) here")
-    try:
-        torch.empty(0, device=dev)
-    except Exception as e:  # e.g. mps/xpu without the hardware
-        raise CLIError(f"--device {name} is not usable here: {_reason(e)}") from None
-    return dev
+        return resolve_device(name)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _load_model(path: str, backend: str, device):
@@ -76,28 +60,15 @@ def _load_model(path: str, backend: str, device):
     :func:`load_checkpoint`), so nothing in it is executed; anything it holds that
     is not a consistent triton-rnn checkpoint is reported in one line.
     """
-    import os
-    import pickle
-
     from ..models.data import TOKENIZERS
     from ..models.training import load_checkpoint, model_from_checkpoint
 
-    if not os.path.exists(path):
-        raise CLIError(f"no such checkpoint: {path}")
     try:
         ckpt = load_checkpoint(path, map_location=device)
-    except ValueError as e:  # readable, but not a triton-rnn seq2seq checkpoint
+    except FileNotFoundError:
+        raise CLIError(f"no such checkpoint: {path}") from None
+    except ValueError as e:  # unreadable, or not a triton-rnn seq2seq checkpoint
         raise CLIError(str(e)) from None
-    except OSError as e:
-        raise CLIError(f"cannot read checkpoint {path}: {e.strerror or _reason(e)}") from None
-    except EOFError:
-        raise CLIError(f"cannot load checkpoint {path}: the file is empty or truncated") from None
-    except pickle.UnpicklingError as e:
-        raise CLIError(f"cannot load checkpoint {path}: not a weights-only torch file "
-                       f"({_reason(e)})") from None
-    except Exception as e:  # corrupt zip archive, ...
-        raise CLIError(f"cannot load checkpoint {path}: corrupt or not a torch file "
-                       f"({_reason(e)})") from None
     try:
         model, src_vocab, tgt_vocab, mode = model_from_checkpoint(ckpt, backend, device)
         if mode not in TOKENIZERS:

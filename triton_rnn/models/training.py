@@ -51,8 +51,8 @@ from .seq2seq import Seq2Seq, default_config
 
 __all__ = [
     "CHECKPOINT_FORMAT", "Batch", "collate", "encode_pairs", "evaluate", "save_checkpoint",
-    "load_checkpoint", "model_from_checkpoint", "train", "attention_heatmap", "SCHEDULE_OPTIONS",
-    "RankFailed",
+    "load_checkpoint", "model_from_checkpoint", "resolve_device", "train", "attention_heatmap",
+    "SCHEDULE_OPTIONS", "RankFailed",
 ]
 
 CHECKPOINT_FORMAT = "triton-rnn-seq2seq/1"
@@ -207,8 +207,32 @@ def save_checkpoint(path: str, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Voca
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True`` and check its format."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint with ``weights_only=True`` and check its format.
+
+    A file that is there but cannot be read as one (a directory, empty,
+    truncated, corrupt, holding Python objects, another format) is a one-line
+    ``ValueError`` naming it; a missing file is ``FileNotFoundError``.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"cannot load checkpoint {path}: it is a directory")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    why = None
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        why = ("torch.load(weights_only=True) refuses it (corrupt, or it holds Python objects "
+               "other than tensors and plain values)")
+    except EOFError:
+        why = "the file is empty or truncated"
+    except OSError as e:
+        why = e.strerror or _one_line(e)
+    except RuntimeError:
+        why = "not a readable PyTorch file (truncated or corrupt)"
+    except Exception as e:  # anything else torch.load may raise on a damaged file
+        why = f"{type(e).__name__}: {_one_line(e)}"
+    if why is not None:
+        raise ValueError(f"cannot load checkpoint {path}: {why}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a triton-rnn seq2seq checkpoint")
     return ckpt
@@ -271,8 +295,9 @@ def _check_options(o: dict) -> None:
         raise ValueError(f"beam (--beam) must be >= 1, got {o['beam']!r}")
 
 
-def _device(device_opt: str) -> torch.device:
-    """The device that ``--device`` names; a ValueError if this machine has no such device."""
+def resolve_device(device_opt: str) -> torch.device:
+    """The device that ``--device`` names (``auto``: CUDA if there is one, else the CPU);
+    a one-line ValueError if this machine has no such device, or cannot use it."""
     if device_opt == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -286,6 +311,11 @@ def _device(device_opt: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {device_opt!r} (--device): this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # noqa: BLE001 - e.g. mps/xpu without the hardware
+        raise ValueError(f"device {device_opt!r} (--device) is not usable here: "
+                         f"{_one_line(e)}") from None
     return device
 
 
@@ -302,7 +332,7 @@ def _setup_distributed(device_opt: str):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank if world > 1 else 0)))
-    device = _device(device_opt)
+    device = resolve_device(device_opt)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if device.type == "cuda":
@@ -351,30 +381,9 @@ def _plain(v):
 def _read_checkpoint(path: str, map_location) -> dict:
     """:func:`load_checkpoint` for resuming: a file that cannot be resumed from is a
     one-line ``ValueError`` (``FileNotFoundError`` if there is none)."""
-    if os.path.isdir(path):
-        raise ValueError(f"cannot resume from {path}: it is a directory")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    why = None
-    try:
-        ckpt = load_checkpoint(path, map_location=map_location)
-    except ValueError as e:
-        if "triton-rnn seq2seq checkpoint" in str(e):  # load_checkpoint's own, with the path
-            raise
-        why = _one_line(e)
-    except pickle.UnpicklingError:
-        why = ("torch.load(weights_only=True) refuses it (corrupt, or it holds Python objects "
-               "other than tensors and plain values)")
-    except EOFError:
-        why = "the file is empty or truncated"
-    except OSError as e:
-        why = e.strerror or _one_line(e)
-    except RuntimeError:
-        why = "not a readable PyTorch file (truncated or corrupt)"
-    except Exception as e:  # anything else torch.load may raise on a damaged file
-        why = f"{type(e).__name__}: {_one_line(e)}"
-    if why is not None:
-        raise ValueError(f"cannot resume from {path}: {why}")
+    ckpt = load_checkpoint(path, map_location=map_location)
     missing = [k for k in ("config", "model", "src_vocab", "tgt_vocab", "tokenize", "step")
                if k not in ckpt]
     if missing:
