@@ -17,7 +17,7 @@
 #   device_check.log      the full output of every step
 #   floors.json           measured ceilings (python -m benchmarks.floors)
 #   bench_quick.json/.png triton-rnn bench --quick against cuDNN
-#   bench_graphs.json     one shape with CUDA graphs (--cuda-graphs) for both
+#   bench_graphs.json     CUDA graphs (--cuda-graphs), one direction and bidirectional
 #   bench_flashrnn.json   a few shapes against FlashRNN, when `import flashrnn` works
 # Wheels found under .whl/ (FlashRNN, say) are installed to /tmp/site first.
 # DEVICE_CHECK_SKIP_INSTALL=1 skips `pip install -e .` (PYTHONPATH=. is set anyway).
@@ -173,13 +173,16 @@ if [ "$LAST_RC" != 0 ] && [ "$LAST_RC" != skipped ] && [ -s "$OUTDIR/bench_quick
     fi
 fi
 
-# 7. CUDA graphs on one shape, for both implementations (the quick grid runs eagerly).
+# 7. CUDA graphs (the quick grid runs eagerly) on one shape, one direction and
+# bidirectional: the two directions of a layer run on two streams, which the
+# capture must join; triton_one_stream runs them one after the other, to show
+# what the overlap buys.
 GRAPH_RESERVE=$(r $((HAVE_FLASH ? 90 : 20)))
 now=$(date +%s)
 left=$((DEADLINE - now - GRAPH_RESERVE))
-((left > 60)) && left=60
+((left > 75)) && left=75
 if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
-    step bench_graphs $left $GRAPH_RESERVE "$PY -m triton_rnn.cli bench --quick --cells gru --hidden 1024 --batch 64 --passes fwdbwd --impls triton,torch --cuda-graphs $FLOORS_ARG --out $OUTDIR/bench_graphs.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
+    step bench_graphs $left $GRAPH_RESERVE "$PY -m triton_rnn.cli bench --quick --cells gru --hidden 1024 --batch 16 --passes fwdbwd --directions 2,1 --impls triton,triton_one_stream,torch --cuda-graphs $FLOORS_ARG --out $OUTDIR/bench_graphs.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
 else
     log "SKIP bench_graphs: no CUDA device"
 fi

@@ -204,3 +204,32 @@ def test_every_shape_that_falls_back_is_flagged(monkeypatch):
                                   rounds=1, n_sets=2, host_reps=1)
             flagged.append(rec["impls"]["triton"].get("fell_back_to_stepwise", False))
     assert flagged == [True, True]
+
+
+def test_bidirectional_shapes():
+    """``--directions 2``: a bidirectional layer, its own key, counts and implementations."""
+    bi = B.Shape("lstm", 8, 2, 3, "fp32", "fwdbwd", directions=2)
+    one = B.Shape("lstm", 8, 2, 3, "fp32", "fwdbwd")
+    assert bi.key == "lstm-bi-fwdbwd-fp32-T3-B2-H8" and B.Shape.from_dict(bi.to_dict()) == bi
+    assert B.Shape.from_dict({k: v for k, v in one.to_dict().items() if k != "directions"}) == one
+    grid = dict(B.TINY_GRID, cells=["gru"], batch=[2], passes=["fwd"], directions=[2, 1])
+    assert [s.key for s in B.grid_shapes(grid)] == ["gru-bi-fwd-fp32-T4-B2-H8",
+                                                    "gru-fwd-fp32-T4-B2-H8"]
+    cfg = {"forward": {"block_h": 4, "block_b": 16}}
+    c1, c2 = B.model_counts(one, cfg), B.model_counts(bi, cfg)
+    # Twice the work; the directions overlap, so the barriers are not doubled.
+    assert c2["flops"] == 2 * c1["flops"] and c2["barriers"] == c1["barriers"] == 6
+    es, T, Bn, H = 4, 3, 2, 8
+    assert c2["bytes"] - c1["bytes"] == es * (c1["bytes"] // es - 2 * T * Bn * H)  # x once
+
+    rec = B.measure_shape(bi, torch.device("cpu"),
+                          ["triton", "triton_one_stream", "torch", "flashrnn"], floors=None,
+                          rounds=1, n_sets=2, host_reps=1)
+    impls = rec["impls"]
+    for name in ("triton", "triton_one_stream"):
+        assert impls[name]["error"] is None and impls[name]["ms"] > 0
+        assert impls[name]["rel_err"] < 1e-5 and impls[name]["rel_err_grad_x"] < 1e-5
+    assert impls["flashrnn"]["error"] == "not available"  # FlashRNN: one direction only
+    doc = {"impls": ["triton", "triton_one_stream", "torch"], "results": [rec]}
+    assert B.table_rows(doc)[1][0] == "lstm-bi"
+    assert "lstm-bi/fwdbwd/triton" in B.summarize([rec])["geomean_speedup"]

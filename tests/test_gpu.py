@@ -77,6 +77,65 @@ def test_persistent_barrier_equals_stepwise(kind):
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _run_and_grads(m, x, gy):
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    y, h = m(x)
+    y.backward(gy)
+    return [y.detach().clone(), *[t.detach().clone() for t in (h if isinstance(h, tuple) else [h])],
+            x.grad.clone(), *[p.grad.clone() for p in m.parameters()]]
+
+
+@pytest.mark.parametrize("batch", [16, 256])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_bidirectional_directions_overlap_like_one_stream(kind, batch):
+    """The two directions of a layer run on two streams (forward and backward). Batch 16:
+    both barrier grids fit at once and overlap; batch 256: they cannot, and the second
+    waits for the first. Either way, the same results as one stream."""
+    _no_fallback()
+    torch.manual_seed(0)
+    m = getattr(triton_rnn, kind)(256, 1024, num_layers=2, bidirectional=True,
+                                  backend="triton", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(96, batch, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(96, batch, 2048, device="cuda", dtype=torch.bfloat16)
+    m.kernel_options = {"overlap_directions": True}
+    two = _run_and_grads(m, x, gy)
+    m.kernel_options = {"overlap_directions": False}
+    one = _run_and_grads(m, x, gy)
+    for a, b in zip(two, one):
+        torch.testing.assert_close(a, b)
+
+
+def test_bidirectional_training_step_in_a_cuda_graph():
+    """A captured forward and backward (the side stream joins the capture) replays correctly."""
+    torch.manual_seed(0)
+    m = triton_rnn.GRU(64, 512, bidirectional=True, backend="triton", device="cuda")
+    x = torch.randn(32, 8, 64, device="cuda", requires_grad=True)
+    gy = torch.randn(32, 8, 1024, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: compiles and occupancy queries happen here
+        for _ in range(2):
+            _run_and_grads(m, x, gy)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.cuda.graph(graph):
+        y = m(x)[0]
+        y.backward(gy)
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        gy.copy_(torch.randn_like(gy))
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [y, x.grad, *[p.grad for p in m.parameters()]]
+    want = _run_and_grads(m, x, gy)
+    want = [want[0], *want[2:]]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **GPU_TOL[torch.float32])
+
+
 def test_streamed_weights_hidden_2048():
     case = Case(kind="GRU", input_size=256, hidden=2048, T=32, B=16)
     compare(case, dtype=torch.bfloat16, device="cuda", seed=7, tolerances=(GPU_TOL, GPU_GRAD_TOL))

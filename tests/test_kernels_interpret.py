@@ -245,3 +245,106 @@ def test_gate_offsets_of_w_hh_are_64_bit():
     for hidden in (26755, 32768, 46341):
         _gate_offsets_kernel[(1,)](out, hidden)
         assert out.tolist() == [g * hidden * hidden for g in (1, 2, 3)], hidden
+
+
+class _FakeCuda:
+    """Stand-ins for the CUDA stream API, recording what the two-stream path does with it."""
+
+    def __init__(self):
+        self.log = []
+        self.current = "main"
+
+    def current_stream(self, device=None):
+        return _FakeStream(self, self.current)
+
+    def current_device(self):
+        return 0
+
+    def Stream(self, device=None):  # noqa: N802 - torch.cuda.Stream
+        return _FakeStream(self, "side")
+
+    def stream(self, s):
+        fake = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.prev, fake.current = fake.current, s.name
+                fake.log.append(("enter", s.name))
+
+            def __exit__(self, *exc):
+                fake.current = self.prev
+
+        return _Ctx()
+
+    def Event(self):  # noqa: N802 - torch.cuda.Event
+        fake = self
+
+        class _Event:
+            def record(self):
+                self.stream = fake.current
+                fake.log.append(("record", fake.current))
+
+        return _Event()
+
+
+class _FakeStream:
+    def __init__(self, fake, name):
+        self.fake, self.name = fake, name
+
+    def wait_stream(self, other):
+        self.fake.log.append(("wait_stream", self.name, other.name))
+
+    def wait_event(self, event):
+        self.fake.log.append(("wait_event", self.name, event.stream))
+
+
+@pytest.mark.parametrize("kind,tiling", [("LSTM", "single"), ("GRU", "split")])
+def test_bidirectional_two_stream_path(monkeypatch, poison_empty, kind, tiling):
+    """The GPU path that overlaps a layer's directions on two streams, on fake streams here:
+    same values and gradients, the reverse direction launched inside the side stream, and
+    the streams joined and tensors recorded for the caching allocator."""
+    from triton_rnn import autograd
+
+    fake = _FakeCuda()
+    recorded = []
+    monkeypatch.setattr(autograd, "_overlaps", lambda *a: True)
+    monkeypatch.setattr(autograd, "_side_streams", {})
+    for name in ("current_stream", "current_device", "Stream", "stream", "Event"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, s: recorded.append((tuple(t.shape), s.name)), raising=False)
+    case = Case(kind=kind, input_size=5, hidden=6, layers=2, bidirectional=True, T=3, B=2,
+                packed_lengths=(3, 2))
+    compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=21)
+    # Per layer: fork, the reverse direction on the side stream, join.
+    assert fake.log.count(("wait_stream", "side", "main")) == 2
+    assert fake.log.count(("enter", "side")) == 2
+    assert fake.log.count(("wait_stream", "main", "side")) == 2
+    # Each direction records an event after its launch, forward and backward (2 layers).
+    assert sum(1 for e in fake.log if e[0] == "record") == 8
+    # The reverse direction's forward launches were queued on the side stream (the
+    # backward's streams are autograd's to choose, and there are none on a CPU).
+    assert fake.log.count(("record", "side")) == 2
+    assert {s for _, s in recorded} == {"main", "side"}
+
+
+def test_direction_pair_waits_only_when_two_barrier_grids_cannot_fit(monkeypatch):
+    from triton_rnn.kernels.launch import DirectionPair
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "current_stream", fake.current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+
+    def waits(first, second):
+        fake.log.clear()
+        pair = DirectionPair()
+        pair.before(0, *first)  # nothing launched yet: never waits
+        pair.after(0, *first)
+        pair.before(1, *second)
+        return any(e[0] == "wait_event" for e in fake.log)
+
+    assert not waits((0, 1), (128, 264))      # the first has no barrier
+    assert not waits((128, 264), (0, 1))      # the second has no barrier
+    assert not waits((128, 264), (132, 264))  # both fit at once
+    assert waits((128, 264), (192, 264))      # together too many to be resident
+    assert waits((132, 132), (1, 132))        # a full GPU

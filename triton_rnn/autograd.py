@@ -27,7 +27,7 @@ from .kernels import launch
 from .kernels.cells import CELL_SPECS
 from .kernels.config import KernelConfig
 
-__all__ = ["triton_sequence", "RecurrenceFunction"]
+__all__ = ["triton_sequence", "triton_directions", "RecurrenceFunction"]
 
 
 def _fused_bias(cell: str, b_ih: Optional[Tensor], b_hh: Optional[Tensor], H: int):
@@ -73,7 +73,7 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta):
-        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad = meta
+        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad, pairs = meta
         T, B, I = x.shape
         H = w_hh.shape[0] // CELL_SPECS[cell].gates
         fused, b_hn = _fused_bias(cell, b_ih, b_hh, H)
@@ -89,7 +89,7 @@ class RecurrenceFunction(torch.autograd.Function):
                                                 h0_k.contiguous(),
                                                 c0.contiguous() if c0 is not None else None,
                                                 lengths, bsz, reverse, cfg_f, mode,
-                                                save=needs_grad)
+                                                save=needs_grad, pair=pairs and pairs[0])
         out = launch.output_view(hbuf, reverse)
         h_n = hst.to(x.dtype)
         m_n = h_n
@@ -116,7 +116,7 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout, dh_n, dc_n):
-        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, _ = ctx.meta
+        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, _, pairs = ctx.meta
         x, h0, c0, w_ih, w_hh, b_hh, w_hr, w_rec, m_n, hbuf, cseq, saved = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
@@ -134,7 +134,8 @@ class RecurrenceFunction(torch.autograd.Function):
         dgh, dxn, dhst, dcst = launch.backward(cell, dout_k.contiguous(), dhn_k.contiguous(),
                                                dc_n, w_rec.contiguous(), hbuf, h0_k.contiguous(),
                                                c0.contiguous() if c0 is not None else None,
-                                               cseq, saved, bsz, reverse, cfg_b, mode)
+                                               cseq, saved, bsz, reverse, cfg_b, mode,
+                                               pair=pairs and pairs[1])
         dgx = dgh if dxn is None else torch.cat([dgh[..., :-H], dxn], dim=-1)
         dgh2, dgx2, x2 = dgh.reshape(T * B, -1), dgx.reshape(T * B, -1), x.reshape(T * B, I)
         first = _rows_at(_first_step(T, B, lengths, reverse, dev))
@@ -186,11 +187,14 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
                     w_hr: Optional[Tensor], *, reverse: bool = False,
                     lengths: Optional[Tensor] = None, mode: str = "auto",
                     config: Optional[KernelConfig] = None,
-                    backward_config: Optional[KernelConfig] = None):
+                    backward_config: Optional[KernelConfig] = None,
+                    pairs: Optional[tuple] = None):
     """One (layer, direction) on the Triton kernels; see :func:`triton_rnn.functional.reference_sequence`.
 
     ``mode`` is ``"auto"``/``"persistent"`` or ``"stepwise"``; ``config`` and
     ``backward_config`` force tile configs (default: tuned cache, then heuristic).
+    ``pairs`` (forward and backward :class:`~triton_rnn.kernels.launch.DirectionPair`)
+    is set by :func:`triton_directions` when the other direction runs on another stream.
     """
     T, B, _ = x.shape
     H = w_hh.shape[0] // CELL_SPECS[cell].gates
@@ -210,8 +214,68 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     # Inference (no gradient needed) skips writing the activations the backward reads.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    meta = (cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad)
+    meta = (cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad, pairs)
     res = RecurrenceFunction.apply(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta)
     if c0 is None:
         return res[0], res[1], None
     return res
+
+
+#: One side stream per CUDA device for the reverse direction of bidirectional layers.
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+def _overlaps(x: Tensor, n_directions: int, overlap_directions: bool) -> bool:
+    """Whether :func:`triton_directions` runs the two directions on two streams."""
+    return (n_directions == 2 and bool(overlap_directions) and x.device.type == "cuda"
+            and x.shape[1] > 0)
+
+
+@torch.compiler.disable
+def triton_directions(cell: str, x: Tensor, directions: list, *,
+                      lengths: Optional[Tensor] = None, overlap_directions: bool = True,
+                      **options) -> list:
+    """Every direction of one layer; a list of ``(out, h_n, c_n)``, one per direction.
+
+    ``directions`` holds ``(h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)`` per direction
+    (the second one runs in reverse time); ``options`` go to :func:`triton_sequence`.
+    The two directions of a layer are independent, so on a GPU the reverse one
+    runs on a side stream and the two overlap, forward and backward: one
+    direction's grid often leaves most SMs idle at small batch sizes. The
+    launcher keeps two barrier grids that cannot be resident together from
+    running at once (:class:`~triton_rnn.kernels.launch.DirectionPair`).
+    ``overlap_directions=False`` runs them one after the other on the current stream.
+    """
+    x = x.contiguous()  # once for both directions (batch-first input is a transposed view)
+
+    def run(d, pairs=None):
+        return triton_sequence(cell, x, *directions[d], reverse=(d == 1), lengths=lengths,
+                               pairs=pairs, **options)
+
+    if not _overlaps(x, len(directions), overlap_directions):
+        return [run(d) for d in range(len(directions))]
+    pairs = (launch.DirectionPair(), launch.DirectionPair())
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    side.wait_stream(main)  # the input and states are ready
+    first = run(0, pairs)
+    with torch.cuda.stream(side):
+        second = run(1, pairs)
+    main.wait_stream(side)
+    # The caching allocator reuses a freed block on the stream that allocated it. The
+    # side stream reads tensors from the main one (the input, saved for the backward,
+    # which also runs on the side stream) and returns tensors allocated on it.
+    for t in (x, *directions[1]):
+        if t is not None:
+            t.record_stream(side)
+    for t in second:
+        if t is not None:
+            t.record_stream(main)
+    return [first, second]

@@ -9,7 +9,10 @@ times every implementation on the same inputs in the same process:
 * ``triton_stepwise``: ``triton_rnn`` with one launch per timestep, the
   non-persistent baseline that shows what persistence buys;
 * ``torch``: ``torch.nn.GRU``/``LSTM``, which is cuDNN on a GPU;
-* ``flashrnn``: FlashRNN's fused CUDA kernels, when ``import flashrnn`` works.
+* ``flashrnn``: FlashRNN's fused CUDA kernels, when ``import flashrnn`` works;
+* ``triton_one_stream`` (only when asked for): for bidirectional shapes, the
+  persistent kernels with the two directions one after the other on one
+  stream, which shows what overlapping them buys.
 
 Timing (GPU): :func:`triton.testing.do_bench` medians from CUDA events after
 its warm-up, with the L2 cache flushed between calls and gradients reset
@@ -60,8 +63,10 @@ SCHEMA = "triton-rnn-bench/1"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GATES = {"gru": 3, "lstm": 4}
 PASSES = ("fwd", "fwdbwd")
-#: Every implementation the runner knows, in table order. ``torch`` is the reference.
+#: Every implementation the runner runs by default, in table order. ``torch`` is the reference.
 IMPLS = ("triton", "triton_stepwise", "torch", "flashrnn")
+#: Run only when asked for (``--impls``).
+EXTRA_IMPLS = ("triton_one_stream",)
 REFERENCE = "torch"
 #: FlashRNN's backend: its fused CUDA kernels (it switches GRU to its ``cuda`` kernels itself).
 FLASHRNN_BACKEND = os.environ.get("TRITON_RNN_FLASHRNN_BACKEND", "cuda_fused")
@@ -89,10 +94,16 @@ class Shape:
     seq_len: int
     dtype: str
     pass_: str
+    directions: int = 1  # 2: a bidirectional layer
+
+    @property
+    def label(self) -> str:
+        """The cell, with ``-bi`` for a bidirectional layer."""
+        return self.cell + ("-bi" if self.directions == 2 else "")
 
     @property
     def key(self) -> str:
-        return (f"{self.cell}-{self.pass_}-{self.dtype}-T{self.seq_len}-B{self.batch}"
+        return (f"{self.label}-{self.pass_}-{self.dtype}-T{self.seq_len}-B{self.batch}"
                 f"-H{self.hidden}")
 
     @property
@@ -112,7 +123,7 @@ class Shape:
     @classmethod
     def from_dict(cls, d: dict) -> "Shape":
         return cls(d["cell"], int(d["hidden"]), int(d["batch"]), int(d["seq_len"]), d["dtype"],
-                   d["pass"])
+                   d["pass"], int(d.get("directions", 1)))
 
 
 def grid_shapes(grid: dict) -> List[Shape]:
@@ -124,7 +135,8 @@ def grid_shapes(grid: dict) -> List[Shape]:
                 for cell in grid["cells"]:
                     for hidden in grid["hidden"]:
                         for batch in grid["batch"]:
-                            out.append(Shape(cell, hidden, batch, seq_len, dtype, pass_))
+                            for d in grid.get("directions", [1]):
+                                out.append(Shape(cell, hidden, batch, seq_len, dtype, pass_, d))
     return out
 
 
@@ -262,7 +274,7 @@ def select_configs(shape: Shape, device: torch.device) -> dict:
 
 
 def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
-    """FLOPs, fewest bytes and grid barriers of one call for ``shape`` (one layer, one direction).
+    """FLOPs, fewest bytes and grid barriers of one call for ``shape`` (one layer).
 
     * FLOPs: the input projection and the recurrence, ``2*T*B*G*H*(I+H)`` for
       the forward; the backward is counted as twice the forward (gradients of
@@ -275,19 +287,23 @@ def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
     * Barriers: one grid barrier per step and pass when the hidden dimension is
       split over several programs (``block_h < hidden`` in the selected
       config, assumed when the config is unknown), none otherwise.
+
+    A bidirectional layer (``directions=2``) doubles the FLOPs and everything
+    but the input; its two directions can run at once, so not the barriers.
     """
     T, B, H, I = shape.seq_len, shape.batch, shape.hidden, shape.input_size
     G = GATES[shape.cell]
+    D = shape.directions
     es = torch.tensor([], dtype=DTYPES[shape.dtype]).element_size()
     n_states = 2 if shape.cell == "lstm" else 1
-    fwd_flops = 2 * T * B * G * H * (I + H)
-    weights = G * H * I + G * H * H + 2 * G * H
-    fwd_elems = T * B * I + weights + n_states * B * H + T * B * H + n_states * B * H
+    fwd_flops = D * 2 * T * B * G * H * (I + H)
+    weights = D * (G * H * I + G * H * H + 2 * G * H)
+    fwd_elems = T * B * I + weights + D * (n_states * B * H + T * B * H + n_states * B * H)
     flops, elems = fwd_flops, fwd_elems
     n_pass = 1
     if shape.pass_ == "fwdbwd":
         flops = 3 * fwd_flops
-        elems = fwd_elems + T * B * H + T * B * I + weights + n_states * B * H
+        elems = fwd_elems + D * T * B * H + T * B * I + weights + D * n_states * B * H
         n_pass = 2
     programs = per_barrier = None
     split = True
@@ -396,19 +412,24 @@ class Case:
         torch.manual_seed(seed)
         cls = {"gru": triton_rnn.GRU, "lstm": triton_rnn.LSTM}[shape.cell]
         tcls = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[shape.cell]
-        base = cls(I, H, backend="triton").to(device=device, dtype=dtype)
+        D = shape.directions
+        bi = D == 2
+        base = cls(I, H, bidirectional=bi, backend="triton").to(device=device, dtype=dtype)
         state = base.state_dict()
         self.modules: Dict[str, torch.nn.Module] = {}
         if "triton" in impls:
             base.kernel_options = {"mode": "persistent"}
             self.modules["triton"] = base
-        if "triton_stepwise" in impls:
-            m = cls(I, H, backend="triton").to(device=device, dtype=dtype)
-            m.load_state_dict(state)
-            m.kernel_options = {"mode": "stepwise"}
-            self.modules["triton_stepwise"] = m
+        for name, opts in (("triton_stepwise", {"mode": "stepwise"}),
+                           ("triton_one_stream", {"mode": "persistent",
+                                                  "overlap_directions": False})):
+            if name in impls:
+                m = cls(I, H, bidirectional=bi, backend="triton").to(device=device, dtype=dtype)
+                m.load_state_dict(state)
+                m.kernel_options = opts
+                self.modules[name] = m
         if "torch" in impls:
-            m = tcls(I, H).to(device=device, dtype=dtype)
+            m = tcls(I, H, bidirectional=bi).to(device=device, dtype=dtype)
             m.load_state_dict(state)
             self.modules["torch"] = m
         self.n_states = 2 if shape.cell == "lstm" else 1
@@ -422,12 +443,12 @@ class Case:
         self.sets = []
         for _ in range(n_sets):
             s = {"x": rnd(T, B, I).requires_grad_(train),
-                 "h0": [rnd(1, B, H, scale=0.5) for _ in range(self.n_states)]}
+                 "h0": [rnd(D, B, H, scale=0.5) for _ in range(self.n_states)]}
             if train:
-                s["gy"] = rnd(T, B, H)
+                s["gy"] = rnd(T, B, D * H)
             self.sets.append(s)
         self.flash = None
-        if "flashrnn" in impls:
+        if "flashrnn" in impls and not bi:  # one direction only: "not available" otherwise
             self._build_flashrnn(state)
         self._i = 0
         self.params = [p for m in self.modules.values() for p in m.parameters()]
@@ -815,6 +836,11 @@ def save_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _cell_label(shape: dict) -> str:
+    """A result's cell, with ``-bi`` for a bidirectional layer (:attr:`Shape.label`)."""
+    return str(shape.get("cell")) + ("-bi" if shape.get("directions", 1) == 2 else "")
+
+
 def summarize(results: Iterable[dict]) -> dict:
     """Geometric-mean speedup over the reference per (cell, pass, impl), and counts."""
     by: Dict[str, List[float]] = {}
@@ -824,7 +850,7 @@ def summarize(results: Iterable[dict]) -> dict:
         sh = r.get("shape", {})
         for n, s in (r.get("speedup") or {}).items():
             if s and s > 0:
-                by.setdefault(f"{sh.get('cell')}/{sh.get('pass')}/{n}", []).append(s)
+                by.setdefault(f"{_cell_label(sh)}/{sh.get('pass')}/{n}", []).append(s)
     geo = {k: math.exp(sum(math.log(v) for v in vs) / len(vs)) for k, vs in by.items()}
     return {"status_counts": counts, "geomean_speedup": geo}
 
@@ -949,7 +975,7 @@ def table_rows(doc: dict) -> List[List[str]]:
     for r in doc.get("results", []):
         sh = r.get("shape", {})
         ent = r.get("impls") or {}
-        row = [str(sh.get("cell")), str(sh.get("pass")), str(sh.get("dtype")), str(sh.get("seq_len")),
+        row = [_cell_label(sh), str(sh.get("pass")), str(sh.get("dtype")), str(sh.get("seq_len")),
                str(sh.get("batch")), str(sh.get("hidden"))]
         for n in impls:
             e = ent.get(n) or {}
@@ -1044,7 +1070,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
     panels: Dict[tuple, Dict[str, Dict[int, List[tuple]]]] = {}
     for r in doc.get("results", []):
         sh = r.get("shape", {})
-        key = (sh.get("cell"), sh.get("pass"), sh.get("dtype"), sh.get("seq_len"))
+        key = (_cell_label(sh), sh.get("pass"), sh.get("dtype"), sh.get("seq_len"))
         for impl, s in (r.get("speedup") or {}).items():
             if s:
                 panels.setdefault(key, {}).setdefault(impl, {}).setdefault(

@@ -2,11 +2,14 @@
 
 This module is the one place that loops over layers and directions, applies
 inter-layer dropout, unpacks and repacks ``PackedSequence`` data and splits the
-initial states. Each (layer, direction) pair is handed to a *sequence function*
-with the signature of :func:`reference_sequence`:
+initial states. Each (layer, direction) pair runs a *sequence function* with the
+signature of :func:`reference_sequence`:
 
     out, h_n, c_n = seq_fn(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                            reverse=..., lengths=..., **kernel_options)
+
+The directions of one layer are handed over together, so that an implementation
+may run them at once (the Triton one overlaps them on two CUDA streams).
 
 ``x`` is time-major ``[T, B, I]``; ``lengths`` is ``None`` for dense input or a
 CPU ``int64`` tensor of per-row lengths sorted in decreasing order (the order
@@ -181,14 +184,21 @@ def _check_state_args(input: Tensor, states: Sequence[Tensor], weights: Sequence
                 f"{_scalar_type(input.dtype)} and parameter tensor with {_scalar_type(w.dtype)}")
 
 
-def _sequence_fn(backend: str) -> Callable:
-    if backend == "reference":
-        return reference_sequence
+def _directions_fn(backend: str) -> Callable:
+    """``fn(cell, x, directions, *, lengths, **options)``: every direction of one layer."""
     if backend == "triton":
-        from .autograd import triton_sequence  # imported lazily: it imports triton
+        from .autograd import triton_directions  # imported lazily: it imports triton
 
-        return triton_sequence
-    raise ValueError(f"functional backend must be 'reference' or 'triton', got {backend!r}")
+        return triton_directions
+    if backend != "reference":
+        raise ValueError(f"functional backend must be 'reference' or 'triton', got {backend!r}")
+
+    def one_after_another(cell, x, directions, *, lengths=None, overlap_directions=None,
+                          **options):
+        return [reference_sequence(cell, x, *args, reverse=(d == 1), lengths=lengths, **options)
+                for d, args in enumerate(directions)]
+
+    return one_after_another
 
 
 def rnn(cell: str, input: Tensor, hx, weights: Sequence[Tensor], *, has_bias: bool,
@@ -214,7 +224,7 @@ def rnn(cell: str, input: Tensor, hx, weights: Sequence[Tensor], *, has_bias: bo
     is_lstm = cell == "lstm"
     h0, c0 = (hx if is_lstm else (hx, None))
     _check_state_args(input, [h0] + ([c0] if is_lstm else []), weights)
-    seq_fn = _sequence_fn(backend)
+    directions_fn = _directions_fn(backend)
     kernel_options = kernel_options or {}
 
     lengths = None
@@ -231,18 +241,17 @@ def rnn(cell: str, input: Tensor, hx, weights: Sequence[Tensor], *, has_bias: bo
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
             x = F.dropout(x, p=dropout, training=True)
-        outs = []
+        directions = []
         for d in range(num_dir):
             k = layer * num_dir + d
             w = list(weights[k * per_dir:(k + 1) * per_dir])
-            w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
             w_hr = w[-1] if proj_size > 0 else None
-            out, h, c = seq_fn(cell, x, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
-                               b_hh, w_hr, reverse=(d == 1), lengths=lengths, **kernel_options)
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
+            directions.append((h0[k], c0[k] if is_lstm else None, w[0], w[1], b_ih, b_hh, w_hr))
+        results = directions_fn(cell, x, directions, lengths=lengths, **kernel_options)
+        outs = [out for out, _, _ in results]
+        h_n += [h for _, h, _ in results]
+        c_n += [c for _, _, c in results]
         x = outs[0] if num_dir == 1 else torch.cat(outs, dim=-1)
 
     if lengths is not None:

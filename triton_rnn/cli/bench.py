@@ -57,9 +57,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_csv(int), help="comma list of sequence lengths")
     p.add_argument("--dtypes", type=_csv(str), help="comma list: bf16,fp16,fp32")
     p.add_argument("--passes", type=_csv(str), help="comma list: fwd,fwdbwd")
+    p.add_argument("--directions", type=_csv(int),
+                   help="comma list: 1 (one direction, the default), 2 (a bidirectional layer)")
     p.add_argument("--impls", type=_csv(str),
-                   help="comma list of triton,triton_stepwise,torch,flashrnn "
-                        "(default: all; flashrnn only when importable)")
+                   help="comma list of triton,triton_stepwise,torch,flashrnn (default: all; "
+                        "flashrnn only when importable), or triton_one_stream (bidirectional "
+                        "shapes with the two directions one after the other)")
     p.add_argument("--no-flashrnn", action="store_true", help="leave FlashRNN out")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--floors", metavar="FILE", help="ceilings JSON from python -m benchmarks.floors")
@@ -121,6 +124,11 @@ def _grid(args, B) -> tuple:
         v = getattr(args, opt)
         if v:
             grid[key] = v
+    if args.directions:
+        grid["directions"] = args.directions
+    for d in grid.get("directions", [1]):
+        if d not in (1, 2):
+            raise CLIError(f"--directions takes 1 and 2, got {d}")
     for c in grid["cells"]:
         if c not in B.GATES:
             raise CLIError(f"unknown cell {c!r}; choose from {sorted(B.GATES)}")
@@ -188,9 +196,10 @@ def run(args) -> int:
         name = "tiny"
 
     impls = list(args.impls or B.IMPLS)
+    known = list(B.IMPLS + B.EXTRA_IMPLS)
     for n in impls:
-        if n not in B.IMPLS:
-            raise CLIError(f"unknown implementation {n!r}; choose from {list(B.IMPLS)}")
+        if n not in known:
+            raise CLIError(f"unknown implementation {n!r}; choose from {known}")
     if B.REFERENCE not in impls:
         impls.append(B.REFERENCE)
     if "flashrnn" in impls and (args.no_flashrnn or dev.type != "cuda" or not B.flashrnn_available()):

@@ -282,25 +282,60 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
                  persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1))
 
 
+class DirectionPair:
+    """The two directions of one bidirectional layer and pass, running on two CUDA streams.
+
+    Independent launches on two streams overlap on the GPU, which is the point:
+    one direction's grid often leaves most SMs idle. Two barrier grids, though,
+    must never be able to keep each other's programs off the SMs, since each
+    spins until *all* of its programs arrive. So a barrier launch waits for the
+    other direction's latest launch to finish unless both grids fit on the GPU
+    at once (the sum of each grid over its resident bound is at most 1),
+    whichever stream runs first. Each launch records an event for the other.
+    One pair per pass: a CUDA graph may capture forward and backward apart.
+    """
+
+    def __init__(self) -> None:
+        #: Per direction: (event after its latest launch, barrier grid or 0, resident bound).
+        self._done: list = [None, None]
+
+    def before(self, direction: int, barrier_grid: int, fit: int) -> None:
+        """Called before a barrier launch of ``barrier_grid`` programs (``fit`` resident at most)."""
+        other = self._done[1 - direction]
+        if other is None or not other[1]:
+            return
+        if barrier_grid / fit + other[1] / other[2] > 1:
+            torch.cuda.current_stream().wait_event(other[0])
+
+    def after(self, direction: int, barrier_grid: int = 0, fit: int = 1) -> None:
+        """Called once the launch(es) of ``direction`` are queued on the current stream."""
+        event = torch.cuda.Event()
+        event.record()
+        self._done[direction] = (event, barrier_grid, fit)
+
+
 def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
-            meta: dict, device, what: str) -> None:
+            meta: dict, device, what: str, pair: Optional[DirectionPair] = None) -> None:
     """Run all ``T`` steps: one persistent launch if possible, else one launch per step.
 
     ``args`` are the kernel's tensor arguments up to ``BATCH_SIZES``; the barrier
     counters and ``T, B, H, t_begin, n_steps`` are appended here. Triton launches
     on the current CUDA device and its current stream, so the tensors' device is
     made current first (a model on ``cuda:1`` while ``cuda:0`` is current).
+    ``pair`` is given when the other direction of the layer runs on another
+    stream (see :class:`DirectionPair`).
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:  # a tensor's device: indexed
         with torch.cuda.device(device.index):
-            return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what)
-    return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what)
+            return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what, pair)
+    return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what, pair)
 
 
 def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
-                 meta: dict, device, what: str) -> None:
+                 meta: dict, device, what: str, pair: Optional[DirectionPair] = None) -> None:
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+    direction = int(bool(meta.get("REVERSE")))
 
     def full(bar, t_begin, n_steps):
         return (*args, bar, T, B, H, t_begin, n_steps)
@@ -308,6 +343,8 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
     if plan.persistent and not plan.use_barrier:
         bar = torch.zeros(1, dtype=torch.int32, device=device)
         kernel[(plan.grid_b, plan.grid_h)](*full(bar, 0, T), USE_BARRIER=False, **opts)
+        if pair is not None:
+            pair.after(direction)
         return
     if plan.persistent:
         # The grid barrier needs every program resident: bound the grid, launch cooperatively.
@@ -325,6 +362,8 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
             _fit_cache[vkey] = (fit, None)
         grid_b = min(plan.grid_b, fit // plan.grid_h)
         if grid_b >= 1:
+            if pair is not None:
+                pair.before(direction, grid_b * plan.grid_h, fit)
             # The int32 barrier counters reach n_steps * grid_h: more steps than that
             # allows (millions) run as several launches, each with zeroed counters.
             chunk = max(1, BARRIER_COUNT_LIMIT // plan.grid_h)
@@ -335,6 +374,8 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
                     kernel[(grid_b, plan.grid_h)](*full(bar[:grid_b], t0, min(chunk, T - t0)),
                                                   USE_BARRIER=True, launch_cooperative_grid=True,
                                                   **opts)
+                if pair is not None:
+                    pair.after(direction, grid_b * plan.grid_h, fit)
                 return
             except RuntimeError as e:  # the driver refused the cooperative launch
                 reason = f"cooperative launch failed ({e})"
@@ -347,12 +388,14 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
     bar = torch.zeros(1, dtype=torch.int32, device=device)
     for step in range(T):
         kernel[(plan.grid_b, plan.grid_h)](*full(bar, step, 1), USE_BARRIER=False, **opts)
+    if pair is not None:
+        pair.after(direction)
 
 
 def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torch.Tensor],
             h0: torch.Tensor, c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
             batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
-            mode: str = "auto", save: bool = True):
+            mode: str = "auto", save: bool = True, pair: Optional[DirectionPair] = None):
     """Run the recurrence of one (layer, direction).
 
     ``xg [T, B, G*H]`` is the input projection with the fused biases;
@@ -362,7 +405,8 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     :func:`output_view`; zero on padding), ``h_state [B, H]`` fp32 final hidden
     state per row, ``cseq [T, B, H]`` fp32 cell states (LSTM) or ``None`` and
     ``saved [T, B, S*H]`` fp32 activations for the backward (not written, and
-    ``None``, when ``save`` is false: inference).
+    ``None``, when ``save`` is false: inference). ``pair``: the layer's other
+    direction runs on another stream (:class:`DirectionPair`).
     """
     spec: CellSpec = CELL_SPECS[cell]
     T, B, GH = xg.shape
@@ -392,7 +436,7 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, KC=kc, NUM_KC=num_kc,
         BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
-        VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward")
+        VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
     if pad_rows is not None:
         hbuf[slots, pad_rows] = 0
     return hbuf, hst, (cseq if spec.has_c else None), (saved if save else None)
@@ -412,7 +456,7 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
              w_hh: torch.Tensor, hbuf: torch.Tensor, h0: torch.Tensor, c0: Optional[torch.Tensor],
              cseq: Optional[torch.Tensor], saved: torch.Tensor,
              batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
-             mode: str = "auto"):
+             mode: str = "auto", pair: Optional[DirectionPair] = None):
     """Reverse-time recurrence of one (layer, direction).
 
     Returns ``dgh [T, B, G*H]`` (gradients of the recurrent pre-activations,
@@ -439,5 +483,5 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
         SPLIT_X_GRAD=spec.split_x_grad, KC=kc, NUM_KC=num_kc,
         BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward")
+        DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward", pair)
     return dgh, dxn, dhst, (dcst if spec.has_c else None)
