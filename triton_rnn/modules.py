@@ -46,8 +46,9 @@ class _TritonRNNMixin:
 
     def _init_backend(self, backend: Optional[str]) -> None:
         self.backend = backend
-        #: Extra options for the Triton path (``mode``, ``config``, ``backward_config``),
-        #: mainly for tests and benchmarks; empty means "let the library choose".
+        #: Extra options for the Triton path (``mode``, ``config``, ``backward_config``,
+        #: ``overlap_directions``), mainly for tests and benchmarks; empty means "let the
+        #: library choose".
         self.kernel_options: dict = {}
 
     @property
