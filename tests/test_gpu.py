@@ -86,32 +86,63 @@ def _run_and_grads(m, x, gy):
             x.grad.clone(), *[p.grad.clone() for p in m.parameters()]]
 
 
-@pytest.mark.parametrize("batch", [16, 256])
+@pytest.mark.parametrize("batch,waits", [(16, False), (256, True)])
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
-def test_bidirectional_directions_overlap_like_one_stream(kind, batch):
-    """The two directions of a layer run on two streams (forward and backward). Batch 16:
-    both barrier grids fit at once and overlap; batch 256: they cannot, and the second
-    waits for the first. Either way, the same results as one stream."""
+def test_bidirectional_directions_overlap_like_one_stream(monkeypatch, kind, batch, waits):
+    """The two directions of a layer run on two streams, forward and backward. Batch 16:
+    both barrier grids fit on the GPU at once and overlap; batch 256: they cannot, and
+    the second waits for the first. Either way the same operations run as on one stream,
+    so the results are the same bit for bit, over a few steps that allocate in between
+    (a missing stream sync or allocator record would show as a difference)."""
+    from triton_rnn.kernels import launch
+
     _no_fallback()
+    decisions = []
+    real_before = launch.DirectionPair.before
+
+    def before(self, direction, grid, fit):
+        second = self._done[1 - direction] is not None  # the other one launched first
+        waited = real_before(self, direction, grid, fit)
+        if second:
+            decisions.append(waited)
+        return waited
+
+    monkeypatch.setattr(launch.DirectionPair, "before", before)
     torch.manual_seed(0)
     m = getattr(triton_rnn, kind)(256, 1024, num_layers=2, bidirectional=True,
                                   backend="triton", device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(96, batch, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(96, batch, 2048, device="cuda", dtype=torch.bfloat16)
-    m.kernel_options = {"overlap_directions": True}
-    two = _run_and_grads(m, x, gy)
-    m.kernel_options = {"overlap_directions": False}
-    one = _run_and_grads(m, x, gy)
-    for a, b in zip(two, one):
-        torch.testing.assert_close(a, b)
+    runs = {True: [], False: []}
+    for step in range(3):
+        x = torch.randn(96, batch, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(96, batch, 2048, device="cuda", dtype=torch.bfloat16)
+        for overlap in (True, False):
+            m.kernel_options = {"overlap_directions": overlap}
+            runs[overlap].append(_run_and_grads(m, x, gy))
+            torch.empty(64 << 20, device="cuda").normal_()  # reuse freed blocks
+    for a, b in zip(sum(runs[True], []), sum(runs[False], [])):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # One decision per layer and pass, taken by the second direction to launch.
+    assert decisions and set(decisions) == {waits}
 
 
-def test_bidirectional_training_step_in_a_cuda_graph():
-    """A captured forward and backward (the side stream joins the capture) replays correctly."""
+@pytest.mark.parametrize("how", ["graph", "make_graphed_callables"])
+def test_bidirectional_training_step_in_a_cuda_graph(how):
+    """Captured forward and backward (the side stream joins the capture; with
+    make_graphed_callables forward and backward are captured apart) replay correctly."""
     torch.manual_seed(0)
     m = triton_rnn.GRU(64, 512, bidirectional=True, backend="triton", device="cuda")
     x = torch.randn(32, 8, 64, device="cuda", requires_grad=True)
     gy = torch.randn(32, 8, 1024, device="cuda")
+    if how == "make_graphed_callables":
+        g = torch.cuda.make_graphed_callables(m, (x,))
+        y = g(x)[0]
+        y.backward(gy)  # warm-up done inside; this replays both graphs
+        got = [y.detach().clone(), x.grad.clone(), *[p.grad.clone() for p in m.parameters()]]
+        want = _run_and_grads(m, x.detach().clone().requires_grad_(), gy)
+        want = [want[0], *want[2:]]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **GPU_TOL[torch.float32])
+        return
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up: compiles and occupancy queries happen here

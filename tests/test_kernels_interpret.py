@@ -276,6 +276,9 @@ class _FakeCuda:
 
         return _Ctx()
 
+    def is_current_stream_capturing(self):
+        return False
+
     def Event(self):  # noqa: N802 - torch.cuda.Event
         fake = self
 
@@ -305,14 +308,24 @@ def test_bidirectional_two_stream_path(monkeypatch, poison_empty, kind, tiling):
     the streams joined and tensors recorded for the caching allocator."""
     from triton_rnn import autograd
 
+    from triton_rnn.kernels import launch
+
     fake = _FakeCuda()
-    recorded = []
+    recorded, launched = [], []
     monkeypatch.setattr(autograd, "_overlaps", lambda *a: True)
     monkeypatch.setattr(autograd, "_side_streams", {})
-    for name in ("current_stream", "current_device", "Stream", "stream", "Event"):
+    for name in ("current_stream", "current_device", "Stream", "stream", "Event",
+                 "is_current_stream_capturing"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     monkeypatch.setattr(torch.Tensor, "record_stream",
                         lambda t, s: recorded.append((tuple(t.shape), s.name)), raising=False)
+    real_forward = launch.forward
+
+    def forward(*args, **kwargs):
+        launched.append((args[8], fake.current, kwargs.get("pair") is not None))  # reverse
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "forward", forward)
     case = Case(kind=kind, input_size=5, hidden=6, layers=2, bidirectional=True, T=3, B=2,
                 packed_lengths=(3, 2))
     compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=21)
@@ -320,11 +333,10 @@ def test_bidirectional_two_stream_path(monkeypatch, poison_empty, kind, tiling):
     assert fake.log.count(("wait_stream", "side", "main")) == 2
     assert fake.log.count(("enter", "side")) == 2
     assert fake.log.count(("wait_stream", "main", "side")) == 2
-    # Each direction records an event after its launch, forward and backward (2 layers).
-    assert sum(1 for e in fake.log if e[0] == "record") == 8
-    # The reverse direction's forward launches were queued on the side stream (the
-    # backward's streams are autograd's to choose, and there are none on a CPU).
-    assert fake.log.count(("record", "side")) == 2
+    assert launched == [(False, "main", True), (True, "side", True)] * 2
+    # The first direction to launch records an event for the other, forward and
+    # backward; the second ends the pass (2 layers).
+    assert sum(1 for e in fake.log if e[0] == "record") == 4
     assert {s for _, s in recorded} == {"main", "side"}
 
 
@@ -332,19 +344,29 @@ def test_direction_pair_waits_only_when_two_barrier_grids_cannot_fit(monkeypatch
     from triton_rnn.kernels.launch import DirectionPair
 
     fake = _FakeCuda()
-    monkeypatch.setattr(torch.cuda, "current_stream", fake.current_stream)
-    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    for name in ("current_stream", "Event", "is_current_stream_capturing"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
 
-    def waits(first, second):
-        fake.log.clear()
-        pair = DirectionPair()
-        pair.before(0, *first)  # nothing launched yet: never waits
+    def waits(first, second, pair=None):
+        pair = pair or DirectionPair()
+        assert not pair.before(0, *first)  # nothing launched yet: never waits
         pair.after(0, *first)
-        pair.before(1, *second)
-        return any(e[0] == "wait_event" for e in fake.log)
+        waited = pair.before(1, *second)
+        pair.after(1, *second)
+        return waited
 
     assert not waits((0, 1), (128, 264))      # the first has no barrier
     assert not waits((128, 264), (0, 1))      # the second has no barrier
     assert not waits((128, 264), (132, 264))  # both fit at once
     assert waits((128, 264), (192, 264))      # together too many to be resident
     assert waits((132, 132), (1, 132))        # a full GPU
+    # A pass ends when both directions have launched: the next one starts afresh.
+    pair = DirectionPair()
+    assert waits((132, 132), (132, 132), pair)
+    assert not pair.before(1, 132, 132)
+    # An event recorded under a stream capture is not waited on outside it.
+    pair = DirectionPair()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    pair.after(0, 132, 132)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not pair.before(1, 132, 132)

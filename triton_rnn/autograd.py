@@ -232,6 +232,12 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return _side_streams[index]
 
 
+def _view_leaves(*tensors):
+    """Each leaf that requires a gradient as a view of itself (made on the current stream)."""
+    return [t.view_as(t) if t is not None and t.is_leaf and t.requires_grad else t
+            for t in tensors]
+
+
 def _overlaps(x: Tensor, n_directions: int, overlap_directions: bool) -> bool:
     """Whether :func:`triton_directions` runs the two directions on two streams."""
     return (n_directions == 2 and bool(overlap_directions) and x.device.type == "cuda"
@@ -248,9 +254,9 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     (the second one runs in reverse time); ``options`` go to :func:`triton_sequence`.
     The two directions of a layer are independent, so on a GPU the reverse one
     runs on a side stream and the two overlap, forward and backward: one
-    direction's grid often leaves most SMs idle at small batch sizes. The
-    launcher keeps two barrier grids that cannot be resident together from
-    running at once (:class:`~triton_rnn.kernels.launch.DirectionPair`).
+    direction's grid often leaves most SMs idle at small batch sizes. Two
+    barrier grids that cannot be resident together run one after the other
+    (:class:`~triton_rnn.kernels.launch.DirectionPair`).
     ``overlap_directions=False`` runs them one after the other on the current stream.
     """
     x = x.contiguous()  # once for both directions (batch-first input is a transposed view)
@@ -264,15 +270,22 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     pairs = (launch.DirectionPair(), launch.DirectionPair())
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
+    # A leaf's gradient is accumulated on the stream its AccumulateGrad node was created
+    # on (main: at an earlier use, or by DDP at set-up). The reverse direction produces
+    # its gradients on the side stream, so it reads leaves through views made here, on
+    # main: their backward, on main, hands the gradient over. (Otherwise torch warns of
+    # a stream mismatch, and a CUDA graph capture can break.)
+    x_rev, *rev = _view_leaves(x, *directions[1])
     side.wait_stream(main)  # the input and states are ready
     first = run(0, pairs)
     with torch.cuda.stream(side):
-        second = run(1, pairs)
+        second = triton_sequence(cell, x_rev, *rev, reverse=True, lengths=lengths, pairs=pairs,
+                                 **options)
     main.wait_stream(side)
     # The caching allocator reuses a freed block on the stream that allocated it. The
     # side stream reads tensors from the main one (the input, saved for the backward,
     # which also runs on the side stream) and returns tensors allocated on it.
-    for t in (x, *directions[1]):
+    for t in (x_rev, *rev):
         if t is not None:
             t.record_stream(side)
     for t in second:

@@ -286,32 +286,48 @@ class DirectionPair:
     """The two directions of one bidirectional layer and pass, running on two CUDA streams.
 
     Independent launches on two streams overlap on the GPU, which is the point:
-    one direction's grid often leaves most SMs idle. Two barrier grids, though,
-    must never be able to keep each other's programs off the SMs, since each
-    spins until *all* of its programs arrive. So a barrier launch waits for the
-    other direction's latest launch to finish unless both grids fit on the GPU
-    at once (the sum of each grid over its resident bound is at most 1),
-    whichever stream runs first. Each launch records an event for the other.
-    One pair per pass: a CUDA graph may capture forward and backward apart.
+    one direction's grid often leaves most SMs idle. Barrier grids are launched
+    cooperatively, and CUDA keeps a cooperative grid fully resident, so two of
+    them cannot starve each other; but when both cannot be resident at once
+    (the sum of each grid over its resident bound exceeds 1) they would only
+    compete for SMs. Then the second to launch waits for the first to finish,
+    whichever stream runs first, rather than relying on how the hardware
+    admits them. Each launch records an event for the other. One pair per
+    pass (a CUDA graph may capture forward and backward apart); entries are
+    forgotten once both directions have launched, and an event recorded under
+    a stream capture is never waited on outside it, or the reverse.
     """
 
     def __init__(self) -> None:
-        #: Per direction: (event after its latest launch, barrier grid or 0, resident bound).
+        #: Per direction: (event after its latest launch, barrier grid or 0, resident bound,
+        #: whether it was recorded during a stream capture).
         self._done: list = [None, None]
 
-    def before(self, direction: int, barrier_grid: int, fit: int) -> None:
-        """Called before a barrier launch of ``barrier_grid`` programs (``fit`` resident at most)."""
+    def before(self, direction: int, barrier_grid: int, fit: int) -> bool:
+        """Called before a barrier launch of ``barrier_grid`` programs (``fit`` resident at most).
+
+        Returns whether the current stream now waits for the other direction.
+        """
         other = self._done[1 - direction]
-        if other is None or not other[1]:
-            return
-        if barrier_grid / fit + other[1] / other[2] > 1:
-            torch.cuda.current_stream().wait_event(other[0])
+        if other is None or not other[1] or other[3] != _capturing():
+            return False
+        if barrier_grid / fit + other[1] / other[2] <= 1:
+            return False
+        torch.cuda.current_stream().wait_event(other[0])
+        return True
 
     def after(self, direction: int, barrier_grid: int = 0, fit: int = 1) -> None:
         """Called once the launch(es) of ``direction`` are queued on the current stream."""
+        if self._done[1 - direction] is not None:  # both directions launched: a pass is over
+            self._done = [None, None]
+            return
         event = torch.cuda.Event()
         event.record()
-        self._done[direction] = (event, barrier_grid, fit)
+        self._done[direction] = (event, barrier_grid, fit, _capturing())
+
+
+def _capturing() -> bool:
+    return bool(torch.cuda.is_current_stream_capturing())
 
 
 def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
