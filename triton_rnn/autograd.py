@@ -261,12 +261,12 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     """
     x = x.contiguous()  # once for both directions (batch-first input is a transposed view)
 
-    def run(d, pairs=None):
-        return triton_sequence(cell, x, *directions[d], reverse=(d == 1), lengths=lengths,
+    def run(d, x_d, args, pairs=None):
+        return triton_sequence(cell, x_d, *args, reverse=(d == 1), lengths=lengths,
                                pairs=pairs, **options)
 
     if not _overlaps(x, len(directions), overlap_directions):
-        return [run(d) for d in range(len(directions))]
+        return [run(d, x, args) for d, args in enumerate(directions)]
     pairs = (launch.DirectionPair(), launch.DirectionPair())
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
@@ -277,10 +277,9 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     # a stream mismatch, and a CUDA graph capture can break.)
     x_rev, *rev = _view_leaves(x, *directions[1])
     side.wait_stream(main)  # the input and states are ready
-    first = run(0, pairs)
+    first = run(0, x, directions[0], pairs)
     with torch.cuda.stream(side):
-        second = triton_sequence(cell, x_rev, *rev, reverse=True, lengths=lengths, pairs=pairs,
-                                 **options)
+        second = run(1, x_rev, rev, pairs)
     main.wait_stream(side)
     # The caching allocator reuses a freed block on the stream that allocated it. The
     # side stream reads tensors from the main one (the input, saved for the backward,

@@ -99,7 +99,7 @@ class Shape:
     @property
     def label(self) -> str:
         """The cell, with ``-bi`` for a bidirectional layer."""
-        return self.cell + ("-bi" if self.directions == 2 else "")
+        return _cell_label({"cell": self.cell, "directions": self.directions})
 
     @property
     def key(self) -> str:
