@@ -63,11 +63,26 @@ def test_cells_against_cudnn_float64(kind, hidden, batch, dtype, bidirectional):
             tolerances=(GPU_TOL, GPU_GRAD_TOL))
 
 
-@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
-def test_persistent_barrier_equals_stepwise(kind):
+@pytest.mark.parametrize("hidden,proj,batch,dtype", [
+    (1024, 256, 32, torch.bfloat16),
+    (2048, 512, 16, torch.bfloat16),  # on-chip: W_hh [8192, 512] and W_hr over 128 programs
+    (512, 128, 8, torch.float32),
+])
+def test_lstm_projection_against_float64(hidden, proj, batch, dtype):
+    """proj_size as the kernel's second phase per step (two grid barriers), both directions."""
+    _no_fallback()
+    case = Case(kind="LSTM", input_size=proj, hidden=hidden, proj=proj, bidirectional=True,
+                T=64, B=batch)
+    compare(case, dtype=dtype, device="cuda", seed=proj + batch,
+            tolerances=(GPU_TOL, GPU_GRAD_TOL))
+
+
+@pytest.mark.parametrize("kind,proj", [("GRU", 0), ("LSTM", 0), ("LSTM", 256)])
+def test_persistent_barrier_equals_stepwise(kind, proj):
     _no_fallback()
     torch.manual_seed(0)
-    m = getattr(triton_rnn, kind)(512, 1024, backend="triton").cuda().bfloat16()
+    m = getattr(triton_rnn, kind)(512, 1024, backend="triton", **(
+        {"proj_size": proj} if proj else {})).cuda().bfloat16()
     x = torch.randn(256, 32, 512, device="cuda", dtype=torch.bfloat16)
     cfg = KernelConfig(block_h=16, block_b=16, num_warps=4)
     m.kernel_options = {"config": cfg, "backward_config": cfg, "mode": "persistent"}

@@ -50,13 +50,14 @@ def test_cell_matches_torch_fp32(poison_empty, kind, nl, tiling):
 
 
 @pytest.mark.parametrize("tiling", ["single", "split"])
-@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
-def test_resident_weights_in_k_chunks(monkeypatch, poison_empty, kind, tiling):
-    """Resident W_hh tiles are kept in K chunks (256 inputs on a GPU); force several here."""
+@pytest.mark.parametrize("kind,proj", [("GRU", 0), ("LSTM", 0), ("LSTM", 6)])
+def test_resident_weights_in_k_chunks(monkeypatch, poison_empty, kind, proj, tiling):
+    """Resident W_hh (and W_hr) tiles are kept in K chunks (256 inputs on a GPU); force
+    several here: with proj 6, W_hh's K is 6 (two chunks) and W_hr's is 10 (three)."""
     from triton_rnn.kernels import launch
 
     monkeypatch.setattr(launch, "RESIDENT_K_CHUNK", 4)
-    case = Case(kind=kind, input_size=6, hidden=10, bidirectional=True, T=4, B=3)
+    case = Case(kind=kind, input_size=6, hidden=10, proj=proj, bidirectional=True, T=4, B=3)
     compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=12)
 
 
@@ -104,13 +105,25 @@ def test_foundation_grid_through_triton(seed):
     compare(case, dtype=torch.float32, seed=seed)
 
 
-@pytest.mark.parametrize("tiling", ["single", "split"])
+@pytest.mark.parametrize("tiling", sorted(TILINGS))
 @pytest.mark.parametrize("packed", [False, True])
 def test_lstm_projection(poison_empty, tiling, packed):
-    """proj_size: the kernel runs on m = o * tanh(c) with W_hh @ W_hr as its recurrent weight."""
+    """proj_size: each step computes m = o * tanh(c) from W_hh [4H, P], then h = W_hr m.
+
+    Split: 3 programs of 4 units, each projecting 1 of the 3 outputs (two phases and
+    two launches per step here). Streamed: both weights read in K chunks every step.
+    """
     case = Case(kind="LSTM", input_size=5, hidden=10, proj=3, bidirectional=True, T=5, B=4,
                 packed_lengths=(3, 5, 1, 4) if packed else ())
     compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lstm_projection_low_precision(poison_empty, dtype):
+    """m_t and dh_t are stored in the storage dtype between the phases, as h and the gate
+    gradients are: as accurate as torch's own LSTM with proj_size in that dtype."""
+    case = Case(kind="LSTM", input_size=8, hidden=16, proj=8, bidirectional=True, T=4, B=4)
+    compare_with_torch_low_precision(case, dtype=dtype, seed=9, kernel_options=_opts("split"))
 
 
 def test_stepwise_equals_persistent():
@@ -228,23 +241,24 @@ def test_torch_compile_runs_the_kernels_eagerly():
 
 
 @triton.jit
-def _gate_offsets_kernel(OUT, H):
-    s = _gate_stride(H)
+def _gate_offsets_kernel(OUT, H, R):
+    s = _gate_stride(H, R)
     tl.store(OUT, s)
     tl.store(OUT + 1, 2 * s)
     tl.store(OUT + 2, 3 * s)
 
 
 def test_gate_offsets_of_w_hh_are_64_bit():
-    """Gate g of W_hh starts g * H * H elements in: past 2**31 from hidden 26,755 (LSTM).
+    """Gate g of W_hh ``[G*H, R]`` starts g * H * R elements in: past 2**31 from hidden
+    26,755 (LSTM), or with a projection (R = P) from H * P >= 2**31 / 3.
 
     Allocating such a W_hh takes gigabytes, so this checks the offset arithmetic
     the kernels use, in the interpreter (which wraps int32 like a GPU).
     """
     out = torch.zeros(3, dtype=torch.int64)
-    for hidden in (26755, 32768, 46341):
-        _gate_offsets_kernel[(1,)](out, hidden)
-        assert out.tolist() == [g * hidden * hidden for g in (1, 2, 3)], hidden
+    for hidden, r in ((26755, 26755), (32768, 32768), (46341, 46341), (131072, 8192)):
+        _gate_offsets_kernel[(1,)](out, hidden, r)
+        assert out.tolist() == [g * hidden * r for g in (1, 2, 3)], (hidden, r)
 
 
 class _FakeCuda:

@@ -51,9 +51,10 @@ def gpu_props(monkeypatch):
     monkeypatch.setattr(launch, "_fit_cache", {})
 
 
-def _run(kernel, hidden, batch, cfg, T=5, mode="auto"):
-    plan = launch._plan(hidden, batch, cfg, mode)
-    launch._launch(kernel, plan, cfg, T, batch, hidden, (), {}, "cpu", "test forward")
+def _run(kernel, hidden, batch, cfg, T=5, mode="auto", proj=0):
+    plan = launch._plan(hidden, batch, cfg, mode, proj=proj)
+    launch._launch(kernel, plan, cfg, T, batch, hidden, proj or hidden, (),
+                   {"HAS_PROJ": bool(proj)}, "cpu", "test forward")
     return plan
 
 
@@ -95,6 +96,22 @@ def test_barrier_counters_never_overflow(gpu_props, monkeypatch):
     _run(k, hidden=1024, batch=16, cfg=KernelConfig(16, 16), T=5)
     assert [(l[0][1], l[1], l[2], l[3], l[4]) for l in k.launches] == [
         (64, 0, 2, True, True), (64, 2, 2, True, True), (64, 4, 1, True, True)]
+
+
+def test_lstm_projection_steps_are_two_phases(gpu_props, monkeypatch):
+    """With proj_size a step is gates then projection, each followed by the barrier: the
+    launches count phases, and the projection's outputs are spread over the grid."""
+    k = FakeKernel(n_regs=128, shared=100_000)
+    plan = _run(k, hidden=1024, batch=16, cfg=KernelConfig(16, 16), T=5, proj=256)
+    assert plan.grid_h == 64 and plan.block_p == 4
+    assert [(l[0][1], l[1], l[2], l[3]) for l in k.launches] == [(64, 0, 10, True)]
+    k = FakeKernel()
+    _run(k, hidden=64, batch=4, cfg=KernelConfig(16, 16), T=3, mode="stepwise", proj=24)
+    assert [l[1] for l in k.launches] == list(range(6))
+    monkeypatch.setattr(launch, "BARRIER_COUNT_LIMIT", 64 * 3 + 5)  # three phases of 64 blocks
+    k = FakeKernel(n_regs=128, shared=100_000)
+    _run(k, hidden=1024, batch=16, cfg=KernelConfig(16, 16), T=2, proj=256)
+    assert [(l[1], l[2]) for l in k.launches] == [(0, 3), (3, 1)]
 
 
 def test_grid_that_cannot_be_resident_falls_back_to_stepwise(gpu_props):
@@ -182,7 +199,7 @@ def test_launches_run_on_the_tensors_device(gpu_props, monkeypatch):
     cfg = KernelConfig(16, 16)
     for dev in (torch.device("cuda", 1), torch.device("cuda", 0)):
         plan = launch._plan(64, 4, cfg, "stepwise")
-        launch._launch(k, plan, cfg, 3, 4, 64, (), {}, dev, "test forward")
+        launch._launch(k, plan, cfg, 3, 4, 64, 64, (), {}, dev, "test forward")
     assert seen == [1, 1, 1, 0, 0, 0] and current[0] == 0
 
 

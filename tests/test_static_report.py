@@ -34,6 +34,10 @@ USED_TO_SPILL = [("lstm", "forward", "float32", 256), ("lstm", "forward", "bfloa
                  ("rnn_tanh", "forward", "bfloat16", 1536)]
 NON_POW2 = [("gru", "forward", "bfloat16", 1536), ("gru", "forward", "bfloat16", 2048)]
 STREAMING = dict(block_h=32, block_b=16, num_warps=4, num_stages=1, block_k=64)
+#: LSTM with proj_size: (pass, dtype, hidden, proj). 2048/512 in bf16 keeps W_hh and W_hr
+#: on-chip (a folded [4H, H] recurrent weight would be LSTM 2048's 32 MB: streamed).
+PROJECTED = [(p, "bfloat16", h, proj) for h, proj in [(1024, 256), (2048, 512)]
+             for p in ("forward", "backward")]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +48,15 @@ def all_reports():
     extra = sorted(set(LARGEST_PERSISTENT + USED_TO_SPILL + NON_POW2))
     reqs += [dict(cell=c, pass_=p, dtype=d, hidden=h, batch=64, config=None, arch=90)
              for c, p, d, h in extra]
+    reqs += [dict(cell="lstm", pass_=p, dtype=d, hidden=h, batch=64, config=None, arch=90,
+                  proj=proj) for p, d, h, proj in PROJECTED]
     reqs.append(dict(cell="gru", pass_="forward", dtype="bfloat16", hidden=256, batch=16,
                      config=STREAMING, arch=90))
     out = static_reports(reqs)
     n = len(CELLS) * len(HIDDEN) * len(BATCH) * 2
-    by_shape = {(r["cell"], r["pass_"], r["dtype"], r["hidden"]): r for r in out[n:-1]}
+    by_shape = {(r["cell"], r["pass_"], r["dtype"], r["hidden"]) + ((r["proj"],) if r.get("proj")
+                                                                     else ()): r
+                for r in out[n:-1]}
     return {"defaults": out[:n], "by_shape": by_shape, "streaming": out[-1]}
 
 
@@ -90,6 +98,18 @@ def test_largest_persistent_sizes(report_for, cell, pass_, dtype, hidden):
     assert r["shared_bytes"] <= r["max_shared_bytes"] and r["co_resident"]
 
 
+@pytest.mark.parametrize("pass_,dtype,hidden,proj", PROJECTED)
+def test_lstm_projection_keeps_both_weights_on_chip(report_for, pass_, dtype, hidden, proj):
+    """proj_size is a phase of the kernel: W_hh [4H, P] and W_hr [P, H] stay on-chip."""
+    r = report_for("lstm", pass_, dtype, hidden, proj)
+    assert "error" not in r, r.get("error")
+    assert r["config"]["block_k"] == 0 and r["weights_loaded_in_loop"] is False
+    assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, (r["config"], r["registers"])
+    assert not r["local_memory_instructions"] and r["tensor_cores"]
+    assert r["shared_bytes"] <= r["max_shared_bytes"] and r["co_resident"]
+    assert r["persistent_barrier"] and r["programs"] >= hidden // 32
+
+
 def test_streamed_weights_are_detected_in_the_loop(all_reports):
     """Positive control for the PTX check: a streaming tile does read W_hh every step."""
     assert all_reports["streaming"]["weights_loaded_in_loop"] is True
@@ -125,6 +145,10 @@ def test_inspect_cli_prints_json():
     bad = subprocess.run([sys.executable, "-m", "triton_rnn.cli", "inspect", "--hidden", "64",
                           "--arch", "volta"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--arch" in bad.stderr and bad.stderr.count("\n") == 1
+    bad = subprocess.run([sys.executable, "-m", "triton_rnn.cli", "inspect", "--hidden", "64",
+                          "--proj", "64", "--cell", "lstm"], capture_output=True, text=True,
+                         env=env)
+    assert bad.returncode == 2 and "--proj" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def test_non_power_of_two_hidden_pays_only_for_its_chunks(report_for):

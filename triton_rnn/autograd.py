@@ -63,12 +63,10 @@ class RecurrenceFunction(torch.autograd.Function):
     """One (layer, direction) of a cell; see the module docstring.
 
     LSTM projections (``w_hr``, ``h_t = W_hr m_t`` with ``m_t = o * tanh(c_t)``)
-    run on the same kernel: the kernel's recurrent state is ``m`` and its
-    recurrent weight is ``W_hh @ W_hr`` (``[4H, H]``, one matrix product per
-    call), so ``W_hh h_{t-1} = (W_hh W_hr) m_{t-1}``. ``W_hh h0`` is added to the
-    input projection of each row's first step, and the outputs ``h_t = m_t
-    W_hr^T`` are one matrix product after the loop. Each step then does
-    ``4H x H`` instead of ``4H x P`` multiply-adds.
+    run inside the kernel as a second phase of every step, with ``W_hr`` on-chip
+    beside ``W_hh`` (``[4H, P]``): ``4H x P + P x H`` multiply-adds per step and
+    row, and a second grid barrier when the hidden size is split. The kernel
+    keeps every ``m_t`` and, in the backward, every ``dh_t`` for ``dW_hr``.
     """
 
     @staticmethod
@@ -80,27 +78,20 @@ class RecurrenceFunction(torch.autograd.Function):
         x2 = x.reshape(T * B, I)
         xg = (torch.addmm(fused, x2, w_ih.t()) if fused is not None else x2 @ w_ih.t())
         xg = xg.view(T, B, -1)
-        w_rec, h0_k = w_hh, h0
-        if w_hr is not None:
-            w_rec = w_hh @ w_hr
-            h0_k = h0.new_zeros(B, H)
-            xg[_rows_at(_first_step(T, B, lengths, reverse, x.device))] += h0 @ w_hh.t()
-        hbuf, hst, cseq, saved = launch.forward(cell, xg, w_rec.contiguous(), b_hn,
-                                                h0_k.contiguous(),
-                                                c0.contiguous() if c0 is not None else None,
-                                                lengths, bsz, reverse, cfg_f, mode,
-                                                save=needs_grad, pair=pairs and pairs[0])
+        w_hr_k = w_hr.contiguous() if w_hr is not None else None
+        hbuf, hst, cseq, saved, mbuf = launch.forward(
+            cell, xg, w_hh.contiguous(), b_hn, h0.contiguous(),
+            c0.contiguous() if c0 is not None else None, lengths, bsz, reverse, cfg_f, mode,
+            save=needs_grad, pair=pairs and pairs[0], w_hr=w_hr_k)
         out = launch.output_view(hbuf, reverse)
-        h_n = hst.to(x.dtype)
-        m_n = h_n
-        if w_hr is not None:
-            out = out @ w_hr.t()
-            h_n = m_n @ w_hr.t()
+        last = _rows_at(_last_step(T, B, lengths, reverse, x.device))
+        # With a projection, h_n is each row's last output (the kernel keeps m, not h, in fp32).
+        h_n = hst.to(x.dtype) if w_hr is None else out[last]
         c_n = None
         if cseq is not None:
-            c_n = cseq[_rows_at(_last_step(T, B, lengths, reverse, x.device))].to(x.dtype)
+            c_n = cseq[last].to(x.dtype)
         ctx.meta = meta
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, w_hr, w_rec, m_n, hbuf, cseq, saved)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf)
         if c_n is None:
             return out, h_n
         return out, h_n, c_n
@@ -117,25 +108,21 @@ class RecurrenceFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout, dh_n, dc_n):
         cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, _, pairs = ctx.meta
-        x, h0, c0, w_ih, w_hh, b_hh, w_hr, w_rec, m_n, hbuf, cseq, saved = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
-        H = w_rec.shape[1]
+        H = w_hh.shape[0] // spec.gates
+        R = w_hh.shape[1]  # the recurrent width: H, or the projection size
         dev = x.device
-        m = launch.output_view(hbuf, reverse)  # the kernel's outputs (h, or m with w_hr)
-        dout = torch.zeros(T, B, h0.shape[1], dtype=x.dtype, device=dev) if dout is None else dout
+        dout = torch.zeros(T, B, R, dtype=x.dtype, device=dev) if dout is None else dout
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-        dout_k, dhn_k = dout, dh_n
-        if w_hr is not None:
-            dout_k, dhn_k = dout @ w_hr, dh_n @ w_hr
         if spec.has_c:
             dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-        h0_k = h0 if w_hr is None else h0.new_zeros(B, H)
-        dgh, dxn, dhst, dcst = launch.backward(cell, dout_k.contiguous(), dhn_k.contiguous(),
-                                               dc_n, w_rec.contiguous(), hbuf, h0_k.contiguous(),
-                                               c0.contiguous() if c0 is not None else None,
-                                               cseq, saved, bsz, reverse, cfg_b, mode,
-                                               pair=pairs and pairs[1])
+        dgh, dxn, dhst, dcst, dhseq = launch.backward(
+            cell, dout.contiguous(), dh_n.contiguous(), dc_n, w_hh.contiguous(), hbuf,
+            h0.contiguous(), c0.contiguous() if c0 is not None else None, cseq, saved, bsz,
+            reverse, cfg_b, mode, pair=pairs and pairs[1],
+            w_hr=w_hr.contiguous() if w_hr is not None else None)
         dgx = dgh if dxn is None else torch.cat([dgh[..., :-H], dxn], dim=-1)
         dgh2, dgx2, x2 = dgh.reshape(T * B, -1), dgx.reshape(T * B, -1), x.reshape(T * B, I)
         first = _rows_at(_first_step(T, B, lengths, reverse, dev))
@@ -152,26 +139,20 @@ class RecurrenceFunction(torch.autograd.Function):
             db_hh = db_ih.clone() if db_ih is not None and dxn is None else \
                 dgh2.sum(0, dtype=torch.float32).to(x.dtype)
         dw_hh = dw_hr = None
-        if need[4] or need[7]:
-            # The kernel's state before every step; packed reverse rows start at their own
-            # last step, where it is h0 (or zero: with w_hr, h0 enters through xg).
+        if need[4]:
+            # The hidden state before every step; packed reverse rows start at their own
+            # last step, where it is h0.
             prev = launch.hidden_before_view(hbuf, reverse)
             if reverse and lengths is not None:
                 prev = prev.clone()
-                prev[first] = h0_k
-            dw_rec = dgh2.t() @ prev.reshape(T * B, H)
-            if w_hr is None:
-                dw_hh = dw_rec
-            else:
-                dw_hh = dw_rec @ w_hr.t() + dg_first.t() @ h0
-                dw_hr = (w_hh.t() @ dw_rec + dout.reshape(T * B, -1).t() @ m.reshape(T * B, H)
-                         + dh_n.t() @ m_n)
+                prev[first] = h0
+            dw_hh = dgh2.t() @ prev.reshape(T * B, R)
+        if need[7]:
+            dw_hr = dhseq.reshape(T * B, R).t() @ mbuf.reshape(T * B, H)
         dh0 = dc0 = None
         if need[1]:
-            if w_hr is None:
-                dh0 = (dhst + (dg_first @ w_hh).float()).to(x.dtype)
-            else:
-                dh0 = dg_first @ w_hh
+            dh0 = dg_first @ w_hh
+            dh0 = dh0 if w_hr is not None else (dhst + dh0.float()).to(x.dtype)
         if spec.has_c and need[2]:
             dc0 = dcst.to(x.dtype)
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
@@ -209,8 +190,9 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
         steps = torch.arange(T)
         bsz = (lengths.view(1, -1) > steps.view(-1, 1)).sum(1).to(torch.int32).to(x.device)
     dname = launch.dtype_name(x.dtype)
-    cfg_f = launch.select_config(cell, "forward", dname, H, B, x.device, config)
-    cfg_b = launch.select_config(cell, "backward", dname, H, B, x.device, backward_config)
+    proj = w_hr.shape[0] if w_hr is not None else 0
+    cfg_f = launch.select_config(cell, "forward", dname, H, B, x.device, config, proj)
+    cfg_b = launch.select_config(cell, "backward", dname, H, B, x.device, backward_config, proj)
     # Inference (no gradient needed) skips writing the activations the backward reads.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))

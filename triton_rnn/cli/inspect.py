@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                     "loaded inside the time loop (PTX), tensor-core use (SASS), occupancy.")
     p.add_argument("--cell", choices=CELLS, default="gru")
     p.add_argument("--hidden", type=int, required=True)
+    p.add_argument("--proj", type=int, default=0,
+                   help="LSTM projection size (proj_size; 0: none)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--direction", choices=("forward", "reverse"), default="forward",
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.hidden < 1 or args.batch < 1:
         raise CLIError("--hidden and --batch must be positive")
+    if args.proj and (args.cell != "lstm" or not 0 < args.proj < args.hidden):
+        raise CLIError("--proj needs --cell lstm and 0 < proj < hidden, as torch.nn.LSTM's "
+                       "proj_size")
     config = None
     if args.block_h is not None or args.block_b is not None:
         if args.block_h is None or args.block_b is None:
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(str(e)) from None
     try:
         report = static_report(args.cell, "backward" if args.backward else "forward", args.dtype,
-                               args.hidden, args.batch, config, args.arch)
+                               args.hidden, args.batch, config, args.arch, args.proj)
     except (RuntimeError, FileNotFoundError) as e:
         raise CLIError(str(e).splitlines()[-1] if str(e) else type(e).__name__) from None
     report["direction"] = args.direction

@@ -6,8 +6,8 @@ the triton wheel reads registers, shared and local (spill) memory and SASS.
 
 * ``registers``, ``shared_bytes``, ``local_bytes`` (> 0 means spills);
 * ``weights_loaded_in_loop``: whether any global load inside a PTX loop reads
-  an address derived from the ``W_hh`` argument (it must be False: the weights
-  are loaded once, before the time loop);
+  an address derived from the ``W_hh`` argument, or ``W_hr`` with an LSTM
+  projection (it must be False: the weights are loaded once, before the time loop);
 * ``tensor_cores``: whether the SASS has ``HMMA``/``HGMMA`` instructions;
 * ``grid``, ``blocks_per_sm``, ``max_programs``, ``co_resident``: the
   occupancy estimate that bounds a barrier-synchronised grid.
@@ -62,37 +62,44 @@ def _tool(name: str) -> str:
     return path
 
 
-def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int):
+def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int,
+               proj: int = 0):
     from .cells import CELL_SPECS
     from .launch import _plan, k_tiling
 
     spec = CELL_SPECS[cell]
     st = "*" + _TRITON_TYPES[dtype]
-    plan = _plan(hidden, config.block_b, config, "persistent", gpu=True)
+    plan = _plan(hidden, config.block_b, config, "persistent", gpu=True, proj=proj)
+    rec = proj or hidden  # the recurrent width R
     block_h, block_b, split = plan.block_h, plan.block_b, plan.use_barrier
     if pass_ == "forward":
-        ptrs = dict(XG=st, W=st, BHN=st, H0=st, C0=st, HBUF=st, HST="*fp32", CSEQ="*fp32",
-                    SAVED="*fp32", BATCH_SIZES="*i32", BAR="*i32")
+        ptrs = dict(XG=st, W=st, WR=st, BHN=st, H0=st, C0=st, HBUF=st, MBUF=st, HST="*fp32",
+                    CSEQ="*fp32", SAVED="*fp32", BATCH_SIZES="*i32", BAR="*i32")
         consts = dict(CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
-                      HAS_C=spec.has_c, HAS_BHN=spec.separate_bhn)
+                      HAS_C=spec.has_c, HAS_BHN=spec.separate_bhn, HAS_PROJ=bool(proj))
+        k1, k2 = rec, hidden  # K of the W_hh and W_hr dots
     else:
-        ptrs = dict(DOUT=st, DHN=st, DCN=st, W=st, HBUF=st, H0=st, C0=st, CSEQ="*fp32",
-                    SAVED="*fp32", DGH=st, DXN=st, DHST="*fp32", DCST="*fp32",
+        ptrs = dict(DOUT=st, DHN=st, DCN=st, W=st, WR=st, HBUF=st, H0=st, C0=st, CSEQ="*fp32",
+                    SAVED="*fp32", DGH=st, DXN=st, DHSEQ=st, DHST="*fp32", DCST="*fp32",
                     BATCH_SIZES="*i32", BAR="*i32")
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
-                      HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad)
-    kc, num_kc = k_tiling(hidden, gpu=True)
-    consts.update(KC=kc, NUM_KC=num_kc, BLOCK_H=block_h, BLOCK_B=block_b, BLOCK_K=plan.block_k,
+                      HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj))
+        k1, k2 = hidden, rec
+    kc, num_kc = k_tiling(k1, gpu=True)
+    kc2, num_kc2 = k_tiling(k2, gpu=True)
+    consts.update(KC=kc, NUM_KC=num_kc, KC2=kc2, NUM_KC2=num_kc2, BLOCK_H=block_h,
+                  BLOCK_P=plan.block_p, BLOCK_B=block_b, BLOCK_K=plan.block_k,
                   REVERSE=False, VARLEN=False, USE_BARRIER=split,
                   DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
     sig = dict(ptrs)
-    sig.update(T="i32", B="i32", H="i32", t_begin="i32", n_steps="i32")
+    sig.update(T="i32", B="i32", H="i32", R="i32", t_begin="i32", n_steps="i32")
     sig.update({k: "constexpr" for k in consts})
     assert list(sig) == kernel.arg_names, (list(sig), kernel.arg_names)
     # As at run time: pointers 16-byte aligned, H specialised when divisible by 16.
     attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in ptrs}
-    if hidden % 16 == 0:
-        attrs[(kernel.arg_names.index("H"),)] = [["tt.divisibility", 16]]
+    for name, v in (("H", hidden), ("R", rec)):
+        if v % 16 == 0:
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     grid_h = plan.grid_h
     return sig, consts, attrs, grid_h, block_h, block_b
 
@@ -145,8 +152,11 @@ def _weights_loaded_in_loop(ptx: str, w_param_index: int) -> bool:
     return False
 
 
-def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch: int = 90):
-    """Compile one kernel for ``sm_{arch}`` on the CPU; returns ``(compiled, info)``."""
+def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch: int = 90,
+                   proj: int = 0):
+    """Compile one kernel for ``sm_{arch}`` on the CPU; returns ``(compiled, info)``.
+
+    ``proj``: an LSTM's projection size (0: none)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -155,19 +165,20 @@ def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch:
 
     kernel = rnn_forward_kernel if pass_ == "forward" else rnn_backward_kernel
     sig, consts, attrs, grid_h, block_h, block_b = _signature(kernel, cell, pass_, dtype,
-                                                              hidden, config, arch)
+                                                              hidden, config, arch, proj)
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps,
                                        "num_stages": config.num_stages})
+    weights = ("W", "WR") if proj else ("W",)
     return compiled, dict(grid_h=grid_h, block_h=block_h, block_b=block_b,
-                          w_index=kernel.arg_names.index("W"))
+                          w_indices=[kernel.arg_names.index(w) for w in weights])
 
 
 @functools.lru_cache(maxsize=256)
-def _binary_facts(cell, pass_, dtype, hidden, config, arch) -> dict:
+def _binary_facts(cell, pass_, dtype, hidden, config, arch, proj=0) -> dict:
     """What the compiled binary says, independent of the batch size (a runtime argument)."""
-    compiled, info = compile_kernel(cell, pass_, dtype, hidden, config, arch)
+    compiled, info = compile_kernel(cell, pass_, dtype, hidden, config, arch, proj)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -180,20 +191,21 @@ def _binary_facts(cell, pass_, dtype, hidden, config, arch) -> dict:
     regs, stack, static_shared, local = (int(g) for g in m.groups())
     return dict(info, regs=regs, stack=stack, local=local,
                 shared=max(int(compiled.metadata.shared), static_shared),
-                weights_loaded_in_loop=_weights_loaded_in_loop(compiled.asm["ptx"],
-                                                               info["w_index"]),
+                weights_loaded_in_loop=any(_weights_loaded_in_loop(compiled.asm["ptx"], i)
+                                           for i in info.pop("w_indices")),
                 tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
                 local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)))
 
 
-def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
+def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) -> dict:
     import triton
 
     from .launch import default_config, programs_per_sm
 
     if config is None:
-        config = default_config(cell, pass_, dtype, hidden, batch, arch_limits(arch)["num_sms"])
-    info = _binary_facts(cell, pass_, dtype, hidden, config, arch)
+        config = default_config(cell, pass_, dtype, hidden, batch, arch_limits(arch)["num_sms"],
+                                proj)
+    info = _binary_facts(cell, pass_, dtype, hidden, config, arch, proj)
     regs, stack, local, shared = info["regs"], info["stack"], info["local"], info["shared"]
     lim = arch_limits(arch)
     per_sm = programs_per_sm(regs, config.num_warps, shared, lim["regs_per_sm"],
@@ -207,7 +219,8 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
     grid_b = batch_tiles if info["grid_h"] == 1 else max(1, min(batch_tiles,
                                                                max_programs // info["grid_h"]))
     return dict(
-        cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, batch=batch, arch=f"sm_{arch}",
+        cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, proj=proj, batch=batch,
+        arch=f"sm_{arch}",
         config=config.to_dict(), registers=regs, stack_bytes=stack, shared_bytes=shared,
         local_bytes=local, spills=local > 0 or stack > 0, num_warps=config.num_warps,
         grid=[grid_b, info["grid_h"]], programs=grid_b * info["grid_h"],
@@ -222,16 +235,17 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch) -> dict:
 
 
 def static_report(cell: str, pass_: str, dtype: str, hidden: int, batch: int,
-                  config=None, arch: int = 90) -> dict:
+                  config=None, arch: int = 90, proj: int = 0) -> dict:
     """Compile one kernel for ``sm_{arch}`` without a GPU and report its resources (see module doc)."""
     from .config import KernelConfig
 
     if isinstance(config, dict):
         config = KernelConfig.from_dict(config)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return _report_in_process(cell, pass_, dtype, hidden, batch, config, arch)
+        return _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj)
     return static_reports([dict(cell=cell, pass_=pass_, dtype=dtype, hidden=hidden, batch=batch,
-                                config=config.to_dict() if config else None, arch=arch)])[0]
+                                config=config.to_dict() if config else None, arch=arch,
+                                proj=proj)])[0]
 
 
 def static_reports(requests: list) -> list:
@@ -252,7 +266,8 @@ def _main() -> None:
         cfg = KernelConfig.from_dict(r["config"]) if r.get("config") else None
         try:
             out.append(_report_in_process(r["cell"], r["pass_"], r["dtype"], r["hidden"],
-                                          r["batch"], cfg, r.get("arch", 90)))
+                                          r["batch"], cfg, r.get("arch", 90),
+                                          r.get("proj", 0)))
         except Exception as e:  # reported per request, e.g. a config the compiler rejects
             out.append(dict(r, error=f"{type(e).__name__}: {e}".splitlines()[0][:500]))
     json.dump(out, sys.stdout)

@@ -63,6 +63,14 @@ STREAM_CHUNK_LIMIT = 48 * 1024
 #: Largest value of a grid barrier's int32 arrival counter: one persistent launch
 #: runs at most this many steps x hidden blocks (more take several launches).
 BARRIER_COUNT_LIMIT = 2**31 - 1
+#: With an LSTM projection the weight slices are narrow (``proj`` inputs), so the
+#: slice target alone would give a program up to 64 units (256 gate columns) and
+#: spill: the default split keeps at most this many gate columns per program.
+MAX_PROJ_GATE_COLUMNS = 128
+#: A single program holds at most this many gate columns (LSTM hidden 64), as many
+#: as the budget allows without a projection; a small projection would otherwise
+#: give one program all of hidden 128 or 256, which spills.
+MAX_SINGLE_PROGRAM_COLUMNS = 256
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -114,8 +122,31 @@ def padded_k(hidden: int, gpu: Optional[bool] = None) -> int:
     return kc * n
 
 
+def block_p_for(proj: int, hidden: int, block_h: int, gpu: Optional[bool] = None) -> int:
+    """LSTM projection outputs per program: ``proj`` over the ``cdiv(hidden, block_h)`` programs."""
+    grid_h = triton.cdiv(hidden, min(block_h, _pow2_extent(hidden, gpu)))
+    return triton.next_power_of_2(triton.cdiv(proj, grid_h))
+
+
+def weight_slice_bytes(cell: str, hidden: int, block_h: int, itemsize: int, proj: int = 0,
+                       gpu: Optional[bool] = True) -> int:
+    """On-chip weight bytes of one program: ``W_hh`` rows of its ``block_h`` units (all gates,
+    K padded to whole chunks). With ``proj``, the larger of the two passes: the forward
+    holds those rows (K = ``proj``) and ``W_hr`` rows of its ``block_p`` outputs (K =
+    ``hidden``); the backward ``W_hh`` columns of its outputs (K = ``hidden``) and ``W_hr``
+    columns of its units (K = ``proj``). ``block_p`` is rounded up to a power of two, so
+    the two can differ."""
+    spec = CELL_SPECS[cell]
+    if not proj:
+        return spec.gates * padded_k(hidden, gpu) * block_h * itemsize
+    block_p = block_p_for(proj, hidden, block_h, gpu)
+    fwd = spec.gates * padded_k(proj, gpu) * block_h + padded_k(hidden, gpu) * block_p
+    bwd = spec.gates * padded_k(hidden, gpu) * block_p + padded_k(proj, gpu) * block_h
+    return max(fwd, bwd) * itemsize
+
+
 def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
-                   num_sms: int = 132) -> KernelConfig:
+                   num_sms: int = 132, proj: int = 0) -> KernelConfig:
     """The heuristic tile config used when nothing is tuned.
 
     Rule: if all of ``W_hh`` fits in :data:`SINGLE_PROGRAM_BUDGET`, one program
@@ -137,23 +168,34 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     spill-free (no local memory) when compiled for sm_90 with Triton 3.6 and 3.9,
     for every cell and dtype at hidden 32 to 2048.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
+
+    With an LSTM projection (``proj``) a slice is its ``W_hh`` rows (``proj``
+    inputs) plus its share of ``W_hr`` (:func:`weight_slice_bytes`), under the same
+    rule, except that a program keeps at most :data:`MAX_PROJ_GATE_COLUMNS` gate
+    columns when split, :data:`MAX_SINGLE_PROGRAM_COLUMNS` when not. Checked
+    spill-free for LSTM (hidden, proj) from (64, 16) to (4096, 1024) in bf16, fp16
+    and fp32 on sm_90 with Triton 3.6 and 3.9.
     """
     spec = CELL_SPECS[cell]
     itemsize = torch.empty((), dtype=_as_dtype(dtype)).element_size()
     hp = _pow2_extent(hidden, gpu=True)  # block_h is an arange size
-    per_unit = spec.gates * padded_k(hidden, gpu=True) * itemsize
+
+    def size(bh):
+        return weight_slice_bytes(cell, hidden, bh, itemsize, proj)
+
     block_k = 0
-    if per_unit * hp <= SINGLE_PROGRAM_BUDGET:
+    if size(hp) <= SINGLE_PROGRAM_BUDGET and spec.gates * hp <= MAX_SINGLE_PROGRAM_COLUMNS:
         block_h = hp
     else:
-        block_h = 16 if per_unit * 16 <= ONCHIP_WEIGHT_LIMIT else MIN_BLOCK_H
-        if per_unit * block_h > ONCHIP_WEIGHT_LIMIT or triton.cdiv(hidden, block_h) > num_sms:
+        block_h = 16 if size(16) <= ONCHIP_WEIGHT_LIMIT else MIN_BLOCK_H
+        if size(block_h) > ONCHIP_WEIGHT_LIMIT or triton.cdiv(hidden, block_h) > num_sms:
             # Beyond on-chip capacity (one slice per SM): stream W_hh from L2.
             block_h, block_k = 32, 128
             if spec.gates * block_h * block_k * itemsize > STREAM_CHUNK_LIMIT:
                 block_k = 64
         else:
-            while block_h * 2 <= hp and per_unit * block_h * 2 <= ONCHIP_WEIGHT_TARGET:
+            while block_h * 2 <= hp and size(block_h * 2) <= ONCHIP_WEIGHT_TARGET and (
+                    not proj or spec.gates * block_h * 2 <= MAX_PROJ_GATE_COLUMNS):
                 block_h *= 2
     # The same tile for every batch size: a new batch size never recompiles.
     block_b = MIN_BLOCK_B
@@ -168,12 +210,17 @@ def _as_dtype(dtype) -> torch.dtype:
 
 
 def select_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
-                  device=None, override: Optional[KernelConfig] = None) -> KernelConfig:
-    """The config the launcher uses: ``override``, else the tuned cache entry, else the default."""
+                  device=None, override: Optional[KernelConfig] = None,
+                  proj: int = 0) -> KernelConfig:
+    """The config the launcher uses: ``override``, else the tuned cache entry, else the default.
+
+    Tuned entries are keyed without a projection size, so an LSTM with ``proj``
+    takes the default rule.
+    """
     if override is not None:
         return override
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
+    if device is not None and device.type == "cuda" and not proj:
         try:
             from ..autotune import lookup_config
         except ImportError:  # autotuner not installed in this tree
@@ -185,7 +232,7 @@ def select_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     num_sms = 132
     if device is not None and device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return default_config(cell, pass_, dtype, hidden, batch, num_sms)
+    return default_config(cell, pass_, dtype, hidden, batch, num_sms, proj)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -227,6 +274,7 @@ class _Plan:
     block_k: int
     persistent: bool
     use_barrier: bool
+    block_p: int = 1
 
 
 def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
@@ -255,17 +303,21 @@ def _max_resident_programs(compiled, num_warps: int, device) -> int:
     return per_sm * props.multi_processor_count
 
 
-def _variant_key(kernel, cfg: KernelConfig, args: tuple, H: int, meta: dict, device) -> tuple:
+def _variant_key(kernel, cfg: KernelConfig, args: tuple, H: int, R: int, meta: dict,
+                 device) -> tuple:
     """What selects the compiled binary: constexprs, tile config, argument dtypes and the
     specialisations Triton makes (16-byte aligned pointers, ``H`` divisible by 16)."""
     spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
                  for a in args)
-    return (kernel, str(device), cfg, tuple(sorted(meta.items())), spec, H % 16 == 0, H == 1)
+    return (kernel, str(device), cfg, tuple(sorted(meta.items())), spec, H % 16 == 0, H == 1,
+            R % 16 == 0, R == 1)
 
 
 def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
-          gpu: Optional[bool] = None) -> _Plan:
-    """Tiles and grid of a launch; ``gpu`` (default: not interpreting) applies the dot minima."""
+          gpu: Optional[bool] = None, proj: int = 0) -> _Plan:
+    """Tiles and grid of a launch; ``gpu`` (default: not interpreting) applies the dot minima.
+
+    ``block_p``: the LSTM projection's outputs per program (``proj`` over the grid)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if gpu is None:
@@ -279,7 +331,8 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
     tiles = triton.cdiv(batch, block_b)
     stepwise = mode == "stepwise" or (grid_h > 1 and not gpu)
     return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b, block_k=block_k,
-                 persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1))
+                 persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1),
+                 block_p=block_p_for(proj or hidden, hidden, block_h, gpu))
 
 
 class DirectionPair:
@@ -330,12 +383,14 @@ def _capturing() -> bool:
     return bool(torch.cuda.is_current_stream_capturing())
 
 
-def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
-            meta: dict, device, what: str, pair: Optional[DirectionPair] = None) -> None:
+def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, R: int,
+            args: tuple, meta: dict, device, what: str,
+            pair: Optional[DirectionPair] = None) -> None:
     """Run all ``T`` steps: one persistent launch if possible, else one launch per step.
 
     ``args`` are the kernel's tensor arguments up to ``BATCH_SIZES``; the barrier
-    counters and ``T, B, H, t_begin, n_steps`` are appended here. Triton launches
+    counters and ``T, B, H, R, t_begin, n_steps`` are appended here. With an LSTM
+    projection (``HAS_PROJ``) a step is two phases, and the launches count phases. Triton launches
     on the current CUDA device and its current stream, so the tensors' device is
     made current first (a model on ``cuda:1`` while ``cuda:0`` is current).
     ``pair`` is given when the other direction of the layer runs on another
@@ -344,33 +399,35 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:  # a tensor's device: indexed
         with torch.cuda.device(device.index):
-            return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what, pair)
-    return _launch_here(kernel, plan, cfg, T, B, H, args, meta, device, what, pair)
+            return _launch_here(kernel, plan, cfg, T, B, H, R, args, meta, device, what, pair)
+    return _launch_here(kernel, plan, cfg, T, B, H, R, args, meta, device, what, pair)
 
 
-def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, args: tuple,
-                 meta: dict, device, what: str, pair: Optional[DirectionPair] = None) -> None:
+def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, R: int,
+                 args: tuple, meta: dict, device, what: str,
+                 pair: Optional[DirectionPair] = None) -> None:
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
     direction = int(bool(meta.get("REVERSE")))
+    n_phases = T * (2 if meta.get("HAS_PROJ") else 1)
 
     def full(bar, t_begin, n_steps):
-        return (*args, bar, T, B, H, t_begin, n_steps)
+        return (*args, bar, T, B, H, R, t_begin, n_steps)
 
     if plan.persistent and not plan.use_barrier:
         bar = torch.zeros(1, dtype=torch.int32, device=device)
-        kernel[(plan.grid_b, plan.grid_h)](*full(bar, 0, T), USE_BARRIER=False, **opts)
+        kernel[(plan.grid_b, plan.grid_h)](*full(bar, 0, n_phases), USE_BARRIER=False, **opts)
         if pair is not None:
             pair.after(direction)
         return
     if plan.persistent:
         # The grid barrier needs every program resident: bound the grid, launch cooperatively.
         bar = torch.zeros(plan.grid_b, dtype=torch.int32, device=device)
-        vkey = _variant_key(kernel, cfg, args, H, meta, device)
+        vkey = _variant_key(kernel, cfg, args, H, R, meta, device)
         fit, reason = _fit_cache.get(vkey, (None, None))
         if fit is None:
             # Compile (the same variant the launch below uses) and load it, to read its
             # registers and shared memory before choosing the grid.
-            compiled = kernel.warmup(*full(bar, 0, T), USE_BARRIER=True,
+            compiled = kernel.warmup(*full(bar, 0, n_phases), USE_BARRIER=True,
                                      launch_cooperative_grid=True,
                                      grid=(plan.grid_b, plan.grid_h), **opts)
             compiled._init_handles()
@@ -384,10 +441,11 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
             # allows (millions) run as several launches, each with zeroed counters.
             chunk = max(1, BARRIER_COUNT_LIMIT // plan.grid_h)
             try:
-                for t0 in range(0, T, chunk):
+                for t0 in range(0, n_phases, chunk):
                     if t0:
                         bar.zero_()
-                    kernel[(grid_b, plan.grid_h)](*full(bar[:grid_b], t0, min(chunk, T - t0)),
+                    kernel[(grid_b, plan.grid_h)](*full(bar[:grid_b], t0,
+                                                        min(chunk, n_phases - t0)),
                                                   USE_BARRIER=True, launch_cooperative_grid=True,
                                                   **opts)
                 if pair is not None:
@@ -402,8 +460,8 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
         _warn_once((what, plan.grid_h, cfg), f"triton_rnn: {what} with {cfg} cannot run "
                    f"persistently: {reason}; falling back to one launch per timestep.")
     bar = torch.zeros(1, dtype=torch.int32, device=device)
-    for step in range(T):
-        kernel[(plan.grid_b, plan.grid_h)](*full(bar, step, 1), USE_BARRIER=False, **opts)
+    for phase in range(n_phases):
+        kernel[(plan.grid_b, plan.grid_h)](*full(bar, phase, 1), USE_BARRIER=False, **opts)
     if pair is not None:
         pair.after(direction)
 
@@ -411,25 +469,30 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
 def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torch.Tensor],
             h0: torch.Tensor, c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
             batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
-            mode: str = "auto", save: bool = True, pair: Optional[DirectionPair] = None):
+            mode: str = "auto", save: bool = True, pair: Optional[DirectionPair] = None,
+            w_hr: Optional[torch.Tensor] = None):
     """Run the recurrence of one (layer, direction).
 
     ``xg [T, B, G*H]`` is the input projection with the fused biases;
-    ``lengths`` (CPU int64, decreasing) and ``batch_sizes`` (int32 on the
-    device: live rows per step) describe packed input, or are ``None``.
-    Returns ``hbuf [T + 1, B, H]`` (storage dtype: the outputs and ``h0``, see
-    :func:`output_view`; zero on padding), ``h_state [B, H]`` fp32 final hidden
-    state per row, ``cseq [T, B, H]`` fp32 cell states (LSTM) or ``None`` and
-    ``saved [T, B, S*H]`` fp32 activations for the backward (not written, and
-    ``None``, when ``save`` is false: inference). ``pair``: the layer's other
+    ``w_hh [G*H, R]`` with ``R = H``, or the projection size ``P`` of an LSTM
+    with ``w_hr [P, H]``; ``lengths`` (CPU int64, decreasing) and ``batch_sizes``
+    (int32 on the device: live rows per step) describe packed input, or are
+    ``None``. Returns ``hbuf [T + 1, B, R]`` (storage dtype: the outputs and
+    ``h0``, see :func:`output_view`; zero on padding), ``h_state [B, H]`` fp32
+    final hidden state per row (not with ``w_hr``), ``cseq [T, B, H]`` fp32 cell
+    states (LSTM) or ``None``, ``saved [T, B, S*H]`` fp32 activations for the
+    backward (not written, and ``None``, when ``save`` is false: inference) and,
+    with ``w_hr``, ``mbuf [T, B, H]`` (``m_t = o * tanh(c_t)`` before the
+    projection, storage dtype), else ``None``. ``pair``: the layer's other
     direction runs on another stream (:class:`DirectionPair`).
     """
     spec: CellSpec = CELL_SPECS[cell]
     T, B, GH = xg.shape
-    H = w_hh.shape[1]
+    H = GH // spec.gates
+    R = w_hh.shape[1]
     dev = xg.device
     varlen = batch_sizes is not None
-    hbuf = (torch.zeros if varlen else torch.empty)(T + 1, B, H, dtype=xg.dtype, device=dev)
+    hbuf = (torch.zeros if varlen else torch.empty)(T + 1, B, R, dtype=xg.dtype, device=dev)
     hbuf[T if reverse else 0] = h0
     pad_rows = None
     if varlen and reverse:
@@ -443,23 +506,29 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     cseq = torch.empty(T, B, H, dtype=torch.float32, device=dev) if spec.has_c else hst
     n_saved = spec.saved if save else 0
     saved = torch.empty(T, B, n_saved * H, dtype=torch.float32, device=dev) if save else hst
-    plan = _plan(H, B, cfg, mode)
-    kc, num_kc = k_tiling(H)
+    proj = R if w_hr is not None else 0
+    mbuf = (torch.zeros if varlen else torch.empty)(T, B, H, dtype=xg.dtype, device=dev) \
+        if proj else None
+    plan = _plan(H, B, cfg, mode, proj=proj)
+    kc, num_kc = k_tiling(R)
+    kc2, num_kc2 = k_tiling(H)
     dummy = hst
-    args = (xg, w_hh, b_hn if b_hn is not None else dummy, h0, c0 if c0 is not None else h0,
-            hbuf, hst, cseq, saved, batch_sizes if varlen else dummy)
-    _launch(rnn_forward_kernel, plan, cfg, T, B, H, args, dict(
+    args = (xg, w_hh, w_hr if proj else xg, b_hn if b_hn is not None else dummy, h0,
+            c0 if c0 is not None else h0, hbuf, mbuf if proj else hbuf, hst, cseq, saved,
+            batch_sizes if varlen else dummy)
+    _launch(rnn_forward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
-        HAS_BHN=spec.separate_bhn and b_hn is not None, KC=kc, NUM_KC=num_kc,
-        BLOCK_H=plan.block_h, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
-        VARLEN=varlen, DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
+        HAS_BHN=spec.separate_bhn and b_hn is not None, HAS_PROJ=bool(proj), KC=kc,
+        NUM_KC=num_kc, KC2=kc2, NUM_KC2=num_kc2, BLOCK_H=plan.block_h, BLOCK_P=plan.block_p,
+        BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
+        DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
     if pad_rows is not None:
         hbuf[slots, pad_rows] = 0
-    return hbuf, hst, (cseq if spec.has_c else None), (saved if save else None)
+    return hbuf, hst, (cseq if spec.has_c else None), (saved if save else None), mbuf
 
 
 def output_view(hbuf: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """The ``[T, B, H]`` outputs inside ``hbuf`` (``h_t`` sits at slot ``t + 1``, or ``t`` in reverse)."""
+    """The ``[T, B, R]`` outputs inside ``hbuf`` (``h_t`` sits at slot ``t + 1``, or ``t`` in reverse)."""
     return hbuf[:-1] if reverse else hbuf[1:]
 
 
@@ -472,32 +541,41 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
              w_hh: torch.Tensor, hbuf: torch.Tensor, h0: torch.Tensor, c0: Optional[torch.Tensor],
              cseq: Optional[torch.Tensor], saved: torch.Tensor,
              batch_sizes: Optional[torch.Tensor], reverse: bool, cfg: KernelConfig,
-             mode: str = "auto", pair: Optional[DirectionPair] = None):
+             mode: str = "auto", pair: Optional[DirectionPair] = None,
+             w_hr: Optional[torch.Tensor] = None):
     """Reverse-time recurrence of one (layer, direction).
 
+    ``dout [T, B, R]``, ``dh_n [B, R]`` (see :func:`forward` for ``R`` and ``w_hr``).
     Returns ``dgh [T, B, G*H]`` (gradients of the recurrent pre-activations,
     storage dtype), ``dxn [T, B, H]`` or ``None`` (GRU's input-side ``n``
-    gradient), and the fp32 elementwise parts of ``dh0``/``dc0`` (``[B, H]``).
+    gradient), the fp32 elementwise parts of ``dh0``/``dc0`` (``[B, H]``; ``dh0``'s
+    is zero with ``w_hr``) and, with ``w_hr``, ``dhseq [T, B, P]``: the whole
+    gradient of every ``h_t`` (storage dtype), else ``None``.
     """
     spec: CellSpec = CELL_SPECS[cell]
-    T, B, H = dout.shape
+    T, B, R = dout.shape
+    H = w_hh.shape[0] // spec.gates
     dev = dout.device
     varlen = batch_sizes is not None
     alloc = torch.zeros if varlen else torch.empty
+    proj = R if w_hr is not None else 0
     dgh = alloc(T, B, spec.gates * H, dtype=hbuf.dtype, device=dev)
     dxn = alloc(T, B, H, dtype=hbuf.dtype, device=dev) if spec.split_x_grad else None
-    dhst = torch.empty(B, H, dtype=torch.float32, device=dev)
+    dhseq = alloc(T, B, R, dtype=hbuf.dtype, device=dev) if proj else None
+    dhst = (torch.zeros if proj else torch.empty)(B, H, dtype=torch.float32, device=dev)
     dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else dhst
-    plan = _plan(H, B, cfg, mode)
+    plan = _plan(H, B, cfg, mode, proj=proj)
     kc, num_kc = k_tiling(H)
+    kc2, num_kc2 = k_tiling(R)
     dummy = dhst
-    args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, hbuf, h0,
-            c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
-            dxn if dxn is not None else dgh, dhst, dcst, batch_sizes if varlen else dummy)
-    _launch(rnn_backward_kernel, plan, cfg, T, B, H, args, dict(
+    args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, w_hr if proj else w_hh, hbuf,
+            h0, c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
+            dxn if dxn is not None else dgh, dhseq if proj else dgh, dhst, dcst,
+            batch_sizes if varlen else dummy)
+    _launch(rnn_backward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
-        SPLIT_X_GRAD=spec.split_x_grad, KC=kc, NUM_KC=num_kc,
-        BLOCK_H=plan.block_h,
-        BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
+        SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj), KC=kc, NUM_KC=num_kc, KC2=kc2,
+        NUM_KC2=num_kc2, BLOCK_H=plan.block_h, BLOCK_P=plan.block_p, BLOCK_B=plan.block_b,
+        BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward", pair)
-    return dgh, dxn, dhst, (dcst if spec.has_c else None)
+    return dgh, dxn, dhst, (dcst if spec.has_c else None), dhseq

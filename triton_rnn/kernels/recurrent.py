@@ -68,30 +68,32 @@ def _load_gate_tiles(ptrs, mask, stride, NUM_GATES: tl.constexpr):
 
 
 @triton.jit
-def _gate_stride(H):
-    """``H * H`` in int64: elements between two gates' blocks of ``W_hh`` ``[G*H, H]``.
+def _gate_stride(H, R):
+    """``H * R`` in int64: elements between two gates' blocks of ``W_hh`` ``[G*H, R]``.
 
-    Gate ``g`` starts ``g * H * H`` elements in, past 2**31 from hidden 26,755
+    Gate ``g`` starts ``g * H * R`` elements in, past 2**31 from hidden 26,755
     (LSTM) or 32,768 (GRU); in int32 the later gates would read before ``W``.
     """
-    return tl.cast(H, tl.int64) * H
+    return tl.cast(H, tl.int64) * R
 
 
 @triton.jit
-def _weight_ptrs(W, offs_k, offs_n, H, BY_UNIT: tl.constexpr):
-    """Pointers to gate 0's ``[K, BLOCK_H]`` tile: ``W[n, k]`` (forward) or ``W[k, n]`` (backward)."""
+def _weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT: tl.constexpr):
+    """Pointers to gate 0's ``[K, N]`` tile of a row-major weight with rows of ``ROW``
+    elements: ``W[n, k]`` (``BY_UNIT``: the forward's ``W^T``) or ``W[k, n]`` (backward)."""
     if BY_UNIT:
-        return W + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
+        return W + offs_n[None, :].to(tl.int64) * ROW + offs_k[:, None]
     else:
-        return W + offs_k[:, None].to(tl.int64) * H + offs_n[None, :]
+        return W + offs_k[:, None].to(tl.int64) * ROW + offs_n[None, :]
 
 
 @triton.jit
-def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl.constexpr,
-                      KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The program's ``W_hh`` slice, loaded once before the time loop.
+def _resident_weights(W, offs_n, n_mask, K, ROW, GSTRIDE, BY_UNIT: tl.constexpr,
+                      NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The program's weight slice (``K`` inputs, its ``N`` columns), loaded once before the loop.
 
-    One tuple per gate of ``NUM_KC`` tiles ``[KC, BLOCK_H]`` (K in chunks, so each
+    One tuple per gate of ``NUM_KC`` tiles ``[KC, N]`` (K in chunks, so each
     step's dots keep small register operands); empty tuples when streamed.
     """
     w0 = ()
@@ -101,9 +103,9 @@ def _resident_weights(W, offs_n, n_mask, H, BY_UNIT: tl.constexpr, NUM_GATES: tl
     if BLOCK_K == 0:
         for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
-            t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, BY_UNIT),
-                                              (offs_k < H)[:, None] & n_mask[None, :],
-                                              _gate_stride(H), NUM_GATES)
+            t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT),
+                                              (offs_k < K)[:, None] & n_mask[None, :],
+                                              GSTRIDE, NUM_GATES)
             w0 = w0 + (t0,)
             w1 = w1 + (t1,)
             w2 = w2 + (t2,)
@@ -124,23 +126,24 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
-                     B, H, NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``h_{t-1} @ W_hh_g^T`` for the program's units: on-chip weights, or streamed in K chunks.
+def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
+                     B, K, GSTRIDE, NUM_GATES: tl.constexpr, KC: tl.constexpr,
+                     NUM_KC: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``v @ W_g^T`` for the program's columns, ``v`` the ``[BLOCK_B, K]`` rows of ``SRC[slot]``.
 
-    ``h_{t-1}`` is read from ``HBUF`` chunk by chunk (h0 sits in its extra slot,
-    so one load per chunk serves every row).
+    The recurrent pre-activations ``h_{t-1} @ W_hh_g^T`` (``SRC = HBUF``, where h0
+    sits in an extra slot, so one load per chunk serves every row), and the LSTM
+    projection ``m_t @ W_hr^T``. On-chip weights, or streamed in K chunks.
     """
     a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
-    row = HBUF + hp64 * B * H + r64[:, None] * H
+    row = SRC + slot64 * B * K + r64[:, None] * K
     if BLOCK_K == 0:
         for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
-            h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < H)[None, :],
+            h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :],
                         other=0.0, cache_modifier=".cg")
             a0 = _dot(h, w0[c], a0, DOT_PRECISION)
             if NUM_GATES > 1:
@@ -152,11 +155,11 @@ def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3
     else:
         for k0 in range(0, NUM_KC * KC, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < H
+            k_mask = offs_k < K
             h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & k_mask[None, :],
                         other=0.0, cache_modifier=".cg")
-            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, H, True),
-                                              k_mask[:, None] & n_mask[None, :], _gate_stride(H),
+            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, K, True),
+                                              k_mask[:, None] & n_mask[None, :], GSTRIDE,
                                               NUM_GATES)
             a0 = _dot(h, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
@@ -169,40 +172,44 @@ def _forward_preacts(HBUF, W, hp64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3
 
 
 @triton.jit
-def _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3, B, H,
-                 NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
+def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B, K, ROW,
+                 GSTRIDE, NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``sum_g dG_g(t+1) @ W_hh_g[:, units]``: the recurrent part of the program's ``dh_t``."""
+    """``sum_g SRC_g[slot] @ W_g[:, columns]``, ``SRC`` rows of ``NUM_GATES * K``.
+
+    The recurrent part of ``dh_t``: the later step's gate gradients times
+    ``W_hh`` (``K = H``); with an LSTM projection also ``dm_t = dh_t @ W_hr``.
+    """
     acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
-    row = DGH + (tn64 * B + r64)[:, None] * (NUM_GATES * H)
+    row = SRC + (slot64 * B + r64)[:, None] * (NUM_GATES * K)
     if BLOCK_K == 0:
         for c in tl.static_range(NUM_KC):
             offs_k = c * KC + tl.arange(0, KC)
-            m = to_next[:, None] & (offs_k < H)[None, :]
+            m = rows_ok[:, None] & (offs_k < K)[None, :]
             dg = row + offs_k[None, :]
             # One gate at a time keeps a single gradient tile live.
             acc = _dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0[c], acc,
                        DOT_PRECISION)
             if NUM_GATES > 1:
-                acc = _dot(tl.load(dg + H, mask=m, other=0.0, cache_modifier=".cg"), w1[c], acc,
+                acc = _dot(tl.load(dg + K, mask=m, other=0.0, cache_modifier=".cg"), w1[c], acc,
                            DOT_PRECISION)
             if NUM_GATES > 2:
-                acc = _dot(tl.load(dg + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w2[c],
+                acc = _dot(tl.load(dg + 2 * K, mask=m, other=0.0, cache_modifier=".cg"), w2[c],
                            acc, DOT_PRECISION)
             if NUM_GATES > 3:
-                acc = _dot(tl.load(dg + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w3[c],
+                acc = _dot(tl.load(dg + 3 * K, mask=m, other=0.0, cache_modifier=".cg"), w3[c],
                            acc, DOT_PRECISION)
     else:
         for k0 in range(0, NUM_KC * KC, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < H
-            m = to_next[:, None] & k_mask[None, :]
-            wp = _weight_ptrs(W, offs_k, offs_n, H, False)
+            k_mask = offs_k < K
+            m = rows_ok[:, None] & k_mask[None, :]
+            wp = _weight_ptrs(W, offs_k, offs_n, ROW, False)
             wm = k_mask[:, None] & n_mask[None, :]
             for g in tl.static_range(NUM_GATES):
-                acc = _dot(tl.load(row + g * H + offs_k[None, :], mask=m, other=0.0,
+                acc = _dot(tl.load(row + g * K + offs_k[None, :], mask=m, other=0.0,
                                    cache_modifier=".cg"),
-                           tl.load(wp + g * _gate_stride(H), mask=wm, other=0.0), acc,
+                           tl.load(wp + g * GSTRIDE, mask=wm, other=0.0), acc,
                            DOT_PRECISION)
     return acc
 
@@ -236,110 +243,315 @@ def _active_rows(BATCH_SIZES, t, valid, B, T, VARLEN: tl.constexpr):
     return tl.where(valid, n, 0)
 
 
+@triton.jit
+def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
+                   w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, step, T, B, H, R,
+                   CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+                   HAS_C: tl.constexpr, HAS_PROJ: tl.constexpr, KC: tl.constexpr,
+                   NUM_KC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                   REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One step's gates for the program's hidden units, every batch tile it owns."""
+    GH = NUM_GATES * H
+    SH = NUM_SAVED * H
+    t = _step_index(step, T, REVERSE)
+    t_prev = _step_index(step - 1, T, REVERSE)
+    n_live = _active_rows(BATCH_SIZES, t, step >= 0, B, T, VARLEN)
+    n_prev = _active_rows(BATCH_SIZES, t_prev, step > 0, B, T, VARLEN)
+    t64 = t.to(tl.int64)
+    tp64 = tl.maximum(tl.minimum(t_prev, T - 1), 0).to(tl.int64)
+    for tile in range(pid_b, tl.cdiv(B, BLOCK_B), n_prog_b):
+        if tile * BLOCK_B < n_live:
+            rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            r64 = rows.to(tl.int64)
+            live = rows < n_live
+            from_out = rows < n_prev
+            # Full h_{t-1} @ W_hh^T (h0 at a row's first step: see HBUF).
+            a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, rows < B,
+                                              offs_n, n_mask, w0, w1, w2, w3, B, R,
+                                              _gate_stride(H, R), NUM_GATES, KC, NUM_KC,
+                                              BLOCK_K, DOT_PRECISION)
+
+            own = r64[:, None] * H + offs_n[None, :]
+            own_m = live[:, None] & n_mask[None, :]
+            sel = from_out[:, None]
+            h_prev = tl.zeros([BLOCK_B, offs_n.shape[0]], dtype=tl.float32)
+            if not HAS_PROJ:  # the cell's own h_{t-1} (an LSTM's cell ignores it)
+                h_prev = tl.where(sel, tl.load(HST + own, mask=own_m & sel, other=0.0),
+                                  tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+            c_prev = h_prev
+            if HAS_C:
+                c_prev = tl.where(
+                    sel, tl.load(CSEQ + tp64 * B * H + own, mask=own_m & sel, other=0.0),
+                    tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+
+            xg = XG + (t64 * B + r64)[:, None] * GH + offs_n[None, :]
+            x0, x1, x2, x3 = _load_gate_tiles(xg, own_m, H, NUM_GATES)
+            h, c, s0, s1, s2, s3 = CELL_FWD(
+                x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32),
+                a0, a1, a2, a3, b_hn[None, :], h_prev, c_prev)
+
+            if HAS_PROJ:  # m_t; the projection phase turns it into h_t
+                tl.store(MBUF + t64 * B * H + own, h.to(MBUF.dtype.element_ty), mask=own_m)
+            else:
+                tl.store(HBUF + _slot(t, REVERSE) * B * H + own, h.to(HBUF.dtype.element_ty),
+                         mask=own_m)
+                tl.store(HST + own, h, mask=own_m)
+            if HAS_C:
+                tl.store(CSEQ + t64 * B * H + own, c, mask=own_m)
+            # Activations for the backward (NUM_SAVED is 0 when no gradient is needed).
+            sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
+            if NUM_SAVED > 0:
+                tl.store(sv, s0, mask=own_m)
+            if NUM_SAVED > 1:
+                tl.store(sv + H, s1, mask=own_m)
+            if NUM_SAVED > 2:
+                tl.store(sv + 2 * H, s2, mask=own_m)
+            if NUM_SAVED > 3:
+                tl.store(sv + 3 * H, s3, mask=own_m)
+
+
+@triton.jit
+def _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b, step, BATCH_SIZES,
+                     T, B, H, R, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, REVERSE: tl.constexpr,
+                     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """LSTM projection of one step: ``h_t = m_t @ W_hr^T`` for the program's slice of ``h``."""
+    t = _step_index(step, T, REVERSE)
+    n_live = _active_rows(BATCH_SIZES, t, step >= 0, B, T, VARLEN)
+    t64 = t.to(tl.int64)
+    for tile in range(pid_b, tl.cdiv(B, BLOCK_B), n_prog_b):
+        if tile * BLOCK_B < n_live:
+            rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            r64 = rows.to(tl.int64)
+            live = rows < n_live
+            h, _, _, _ = _forward_preacts(MBUF, WR, t64, r64, live, offs_p, p_mask, wr, wr, wr,
+                                          wr, B, H, 0, 1, KC2, NUM_KC2, BLOCK_K, DOT_PRECISION)
+            tl.store(HBUF + _slot(t, REVERSE) * B * R + r64[:, None] * R + offs_p[None, :],
+                     h.to(HBUF.dtype.element_ty), mask=live[:, None] & p_mask[None, :])
+
+
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
 def rnn_forward_kernel(
-    XG, W, BHN, H0, C0, HBUF, HST, CSEQ, SAVED, BATCH_SIZES, BAR,
-    T, B, H, t_begin, n_steps,
+    XG, W, WR, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES, BAR,
+    T, B, H, R, t_begin, n_steps,
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_C: tl.constexpr, HAS_BHN: tl.constexpr,
-    KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    HAS_C: tl.constexpr, HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr,
+    KC: tl.constexpr, NUM_KC: tl.constexpr, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Steps ``t_begin .. t_begin + n_steps - 1`` of one (layer, direction).
 
-    Shapes: ``XG [T, B, G*H]`` (input projection with fused biases), ``W [G*H, H]``
-    (``W_hh``), ``BHN [H]``, ``H0/C0 [B, H]``, ``HBUF [T + 1, B, H]`` (storage dtype:
-    ``h_t`` at slot :func:`_slot` ``(t)``, ``h0`` at the slot of ``t = -1`` or ``T``,
-    and, for reverse packed rows, at the padding slot just past each row's end),
-    ``HST [B, H]`` fp32 running hidden state, ``CSEQ [T, B, H]`` fp32 cell states,
-    ``SAVED [T, B, NUM_SAVED*H]`` fp32, ``BATCH_SIZES [T]`` int32 (live rows per
-    step, decreasing), ``BAR [grid_b]`` int32 zeroed barrier counters.
+    Shapes: ``XG [T, B, G*H]`` (input projection with fused biases), ``W [G*H, R]``
+    (``W_hh``; ``R`` is the recurrent width: ``H``, or the LSTM projection size
+    ``P``), ``BHN [H]``, ``H0 [B, R]``, ``C0 [B, H]``, ``HBUF [T + 1, B, R]``
+    (storage dtype: ``h_t`` at slot :func:`_slot` ``(t)``, ``h0`` at the slot of
+    ``t = -1`` or ``T``, and, for reverse packed rows, at the padding slot just
+    past each row's end), ``HST [B, H]`` fp32 running hidden state, ``CSEQ
+    [T, B, H]`` fp32 cell states, ``SAVED [T, B, NUM_SAVED*H]`` fp32,
+    ``BATCH_SIZES [T]`` int32 (live rows per step, decreasing), ``BAR [grid_b]``
+    int32 zeroed barrier counters.
+
+    With ``HAS_PROJ`` (LSTM ``proj_size``) every step is two phases, each
+    followed by the barrier: the gates write ``m_t = o * tanh(c_t)`` to ``MBUF
+    [T, B, H]``, then ``h_t = m_t @ W_hr^T`` (``WR [P, H]``, ``BLOCK_P`` outputs
+    per program, also on-chip) goes to ``HBUF``. ``t_begin`` and ``n_steps``
+    then count phases.
     """
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_prog_b = tl.num_programs(0)
     n_prog_h = tl.num_programs(1)
-    GH = NUM_GATES * H
-    SH = NUM_SAVED * H
 
+    if not HAS_PROJ:
+        R = H  # the same width: the compiler shares the address arithmetic
     offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
     # Loaded once, before the time loop (unless streamed: BLOCK_K > 0).
-    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, True, NUM_GATES, KC, NUM_KC,
-                                    BLOCK_K)
+    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, R, R, _gate_stride(H, R), True,
+                                       NUM_GATES, KC, NUM_KC, BLOCK_K)
+    offs_p = pid_h * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < R
+    wr = ()
+    if HAS_PROJ:  # W_hr^T for our outputs: WR[p, k] at (k, p)
+        wr, _, _, _ = _resident_weights(WR, offs_p, p_mask, H, H, 0, True, 1, KC2, NUM_KC2,
+                                        BLOCK_K)
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
-    n_tiles = tl.cdiv(B, BLOCK_B)
     for s in range(n_steps):
-        step = t_begin + s
-        t = _step_index(step, T, REVERSE)
-        t_prev = _step_index(step - 1, T, REVERSE)
-        n_live = _active_rows(BATCH_SIZES, t, step >= 0, B, T, VARLEN)
-        n_prev = _active_rows(BATCH_SIZES, t_prev, step > 0, B, T, VARLEN)
-        t64 = t.to(tl.int64)
-        tp64 = tl.maximum(tl.minimum(t_prev, T - 1), 0).to(tl.int64)
-        for tile in range(pid_b, n_tiles, n_prog_b):
-            if tile * BLOCK_B < n_live:
-                rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-                r64 = rows.to(tl.int64)
-                live = rows < n_live
-                in_b = rows < B
-                from_out = rows < n_prev
-                # Full h_{t-1} @ W_hh^T (h0 at a row's first step: see HBUF).
-                a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, in_b,
-                                                  offs_n, n_mask, w0, w1, w2, w3, B, H,
-                                                  NUM_GATES, KC, NUM_KC, BLOCK_K, DOT_PRECISION)
-
-                own = r64[:, None] * H + offs_n[None, :]
-                own_m = live[:, None] & n_mask[None, :]
-                sel = from_out[:, None]
-                h_prev = tl.where(sel, tl.load(HST + own, mask=own_m & sel, other=0.0),
-                                  tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
-                c_prev = h_prev
-                if HAS_C:
-                    c_prev = tl.where(
-                        sel, tl.load(CSEQ + tp64 * B * H + own, mask=own_m & sel, other=0.0),
-                        tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
-
-                xg = XG + (t64 * B + r64)[:, None] * GH + offs_n[None, :]
-                x0, x1, x2, x3 = _load_gate_tiles(xg, own_m, H, NUM_GATES)
-                h, c, s0, s1, s2, s3 = CELL_FWD(
-                    x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32),
-                    a0, a1, a2, a3, b_hn[None, :], h_prev, c_prev)
-
-                tl.store(HBUF + _slot(t, REVERSE) * B * H + own, h.to(HBUF.dtype.element_ty),
-                         mask=own_m)
-                tl.store(HST + own, h, mask=own_m)
-                if HAS_C:
-                    tl.store(CSEQ + t64 * B * H + own, c, mask=own_m)
-                # Activations for the backward (NUM_SAVED is 0 when no gradient is needed).
-                sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
-                if NUM_SAVED > 0:
-                    tl.store(sv, s0, mask=own_m)
-                if NUM_SAVED > 1:
-                    tl.store(sv + H, s1, mask=own_m)
-                if NUM_SAVED > 2:
-                    tl.store(sv + 2 * H, s2, mask=own_m)
-                if NUM_SAVED > 3:
-                    tl.store(sv + 3 * H, s3, mask=own_m)
+        phase = t_begin + s
+        if HAS_PROJ:
+            if phase % 2 == 0:
+                _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
+                               w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, phase // 2,
+                               T, B, H, R, CELL_FWD, NUM_GATES, NUM_SAVED, HAS_C, HAS_PROJ, KC,
+                               NUM_KC, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+            else:
+                _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b,
+                                 phase // 2, BATCH_SIZES, T, B, H, R, KC2, NUM_KC2, BLOCK_B,
+                                 BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+        else:
+            _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
+                           w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, phase,
+                           T, B, H, R, CELL_FWD, NUM_GATES, NUM_SAVED, HAS_C, HAS_PROJ, KC,
+                           NUM_KC, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
         tl.debug_barrier()
         if USE_BARRIER:
             grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
 
 
+@triton.jit
+def _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, offs_p, p_mask,
+                      pid_b, n_prog_b, bstep, T, B, H, R, NUM_GATES: tl.constexpr,
+                      KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """LSTM projection, backward: the program's slice of ``dh_t`` (``P`` wide) into ``DHSEQ``.
+
+    ``dh_t = dout_t + dG(t+1) @ W_hh`` (or ``+ dh_n`` at a row's last step).
+    """
+    fstep = T - 1 - bstep
+    t = _step_index(fstep, T, REVERSE)
+    t_next = _step_index(fstep + 1, T, REVERSE)
+    n_live = _active_rows(BATCH_SIZES, t, fstep >= 0, B, T, VARLEN)
+    n_next = _active_rows(BATCH_SIZES, t_next, fstep + 1 < T, B, T, VARLEN)
+    t64 = t.to(tl.int64)
+    tn64 = tl.maximum(tl.minimum(t_next, T - 1), 0).to(tl.int64)
+    for tile in range(pid_b, tl.cdiv(B, BLOCK_B), n_prog_b):
+        if tile * BLOCK_B < n_live:
+            rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            r64 = rows.to(tl.int64)
+            live = rows < n_live
+            to_next = rows < n_next
+            dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_p, p_mask, w0, w1, w2, w3, B,
+                                  H, R, _gate_stride(H, R), NUM_GATES, KC, NUM_KC, BLOCK_K,
+                                  DOT_PRECISION)
+            own = r64[:, None] * R + offs_p[None, :]
+            own_m = live[:, None] & p_mask[None, :]
+            nxt = to_next[:, None]
+            dh = tl.where(nxt, dh_rec,
+                          tl.load(DHN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
+            dh += tl.load(DOUT + t64 * B * R + own, mask=own_m, other=0.0).to(tl.float32)
+            tl.store(DHSEQ + t64 * B * R + own, dh.to(DHSEQ.dtype.element_ty), mask=own_m)
+
+
+@triton.jit
+def _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHSEQ, DHST,
+                    DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n, n_mask, pid_b, n_prog_b,
+                    bstep, T, B, H, R, CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr,
+                    NUM_SAVED: tl.constexpr, HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
+                    HAS_PROJ: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
+                    KC2: tl.constexpr, NUM_KC2: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One backward step's gate gradients for the program's hidden units."""
+    GH = NUM_GATES * H
+    SH = NUM_SAVED * H
+    fstep = T - 1 - bstep  # the forward's processing step
+    t = _step_index(fstep, T, REVERSE)
+    t_next = _step_index(fstep + 1, T, REVERSE)
+    t_prev = _step_index(fstep - 1, T, REVERSE)
+    n_live = _active_rows(BATCH_SIZES, t, fstep >= 0, B, T, VARLEN)
+    n_next = _active_rows(BATCH_SIZES, t_next, fstep + 1 < T, B, T, VARLEN)
+    n_prev = _active_rows(BATCH_SIZES, t_prev, fstep > 0, B, T, VARLEN)
+    t64 = t.to(tl.int64)
+    tn64 = tl.maximum(tl.minimum(t_next, T - 1), 0).to(tl.int64)
+    tp64 = tl.maximum(tl.minimum(t_prev, T - 1), 0).to(tl.int64)
+    for tile in range(pid_b, tl.cdiv(B, BLOCK_B), n_prog_b):
+        if tile * BLOCK_B < n_live:
+            rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            r64 = rows.to(tl.int64)
+            live = rows < n_live
+            to_next = rows < n_next
+            from_out = rows < n_prev
+            own = r64[:, None] * H + offs_n[None, :]
+            own_m = live[:, None] & n_mask[None, :]
+            nxt = to_next[:, None]
+            if HAS_PROJ:
+                # dm_t = dh_t @ W_hr, from the slices of dh_t all programs just wrote.
+                dh = _backward_dh(DHSEQ, WR, t64, r64, live, offs_n, n_mask, wr, wr, wr, wr, B,
+                                  R, H, 0, 1, KC2, NUM_KC2, BLOCK_K, DOT_PRECISION)
+            else:
+                # Recurrent part of dh_t: the later step's gate gradients times W_hh.
+                dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2,
+                                      w3, B, H, H, _gate_stride(H, H), NUM_GATES, KC, NUM_KC,
+                                      BLOCK_K, DOT_PRECISION)
+                dh = tl.where(nxt, dh_rec + tl.load(DHST + own, mask=own_m & nxt, other=0.0),
+                              tl.load(DHN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
+                dh += tl.load(DOUT + t64 * B * H + own, mask=own_m, other=0.0).to(tl.float32)
+            dc = dh * 0.0
+            if HAS_C:
+                dc = tl.where(nxt, tl.load(DCST + own, mask=own_m & nxt, other=0.0),
+                              tl.load(DCN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
+
+            sel = from_out[:, None]
+            h_prev = dh * 0.0
+            if not HAS_PROJ:  # the cell's own h_{t-1} (an LSTM's cell ignores it)
+                h_prev = tl.where(
+                    sel,
+                    tl.load(HBUF + _slot(t_prev, REVERSE) * B * H + own, mask=own_m & sel,
+                            other=0.0).to(tl.float32),
+                    tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+            c_prev = h_prev
+            c_new = h_prev
+            if HAS_C:
+                c_prev = tl.where(
+                    sel, tl.load(CSEQ + tp64 * B * H + own, mask=own_m & sel, other=0.0),
+                    tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
+                c_new = tl.load(CSEQ + t64 * B * H + own, mask=own_m, other=0.0)
+            sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
+            s0 = tl.load(sv, mask=own_m, other=0.0)
+            s1 = s0
+            s2 = s0
+            s3 = s0
+            if NUM_SAVED > 1:
+                s1 = tl.load(sv + H, mask=own_m, other=0.0)
+            if NUM_SAVED > 2:
+                s2 = tl.load(sv + 2 * H, mask=own_m, other=0.0)
+            if NUM_SAVED > 3:
+                s3 = tl.load(sv + 3 * H, mask=own_m, other=0.0)
+
+            dx0, dx1, dx2, dx3, da0, da1, da2, da3, dh_prev, dc_prev = CELL_BWD(
+                dh, dc, s0, s1, s2, s3, h_prev, c_prev, c_new)
+
+            lv = live[:, None]
+            out_m = (rows < B)[:, None] & n_mask[None, :]
+            gp = DGH + (t64 * B + r64)[:, None] * GH + offs_n[None, :]
+            ety = DGH.dtype.element_ty
+            tl.store(gp, tl.where(lv, da0, 0.0).to(ety), mask=out_m)
+            if NUM_GATES > 1:
+                tl.store(gp + H, tl.where(lv, da1, 0.0).to(ety), mask=out_m)
+            if NUM_GATES > 2:
+                tl.store(gp + 2 * H, tl.where(lv, da2, 0.0).to(ety), mask=out_m)
+            if NUM_GATES > 3:
+                tl.store(gp + 3 * H, tl.where(lv, da3, 0.0).to(ety), mask=out_m)
+            if SPLIT_X_GRAD:
+                dxl = dx0
+                if NUM_GATES == 2:
+                    dxl = dx1
+                if NUM_GATES == 3:
+                    dxl = dx2
+                if NUM_GATES == 4:
+                    dxl = dx3
+                tl.store(DXN + t64 * B * H + own, tl.where(lv, dxl, 0.0).to(ety), mask=out_m)
+            if not HAS_PROJ:
+                tl.store(DHST + own, dh_prev, mask=own_m)
+            if HAS_C:
+                tl.store(DCST + own, dc_prev, mask=own_m)
+
+
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
 def rnn_backward_kernel(
-    DOUT, DHN, DCN, W, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHST, DCST, BATCH_SIZES, BAR,
-    T, B, H, t_begin, n_steps,
+    DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHSEQ, DHST, DCST, BATCH_SIZES,
+    BAR, T, B, H, R, t_begin, n_steps,
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
-    KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr, HAS_PROJ: tl.constexpr,
+    KC: tl.constexpr, NUM_KC: tl.constexpr, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -348,108 +560,55 @@ def rnn_backward_kernel(
     Writes ``DGH [T, B, G*H]`` (gradients of the recurrent pre-activations,
     storage dtype; zero on padding), ``DXN [T, B, H]`` (GRU: gradient of the
     input-side ``n`` pre-activation), and leaves in ``DHST``/``DCST`` the
-    elementwise part of ``dh_{-1}`` and ``dc_{-1}`` for each row.
+    elementwise part of ``dh_{-1}`` and ``dc_{-1}`` for each row. ``DOUT`` and
+    ``DHN`` are ``R`` wide (see :func:`rnn_forward_kernel`). With ``HAS_PROJ``
+    each step is two phases: ``dh_t`` (``R`` wide, ``BLOCK_P`` per program, into
+    ``DHSEQ [T, B, R]``), barrier, then the gates (``dm_t = dh_t @ W_hr``).
     """
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_prog_b = tl.num_programs(0)
     n_prog_h = tl.num_programs(1)
-    GH = NUM_GATES * H
-    SH = NUM_SAVED * H
 
+    if not HAS_PROJ:
+        R = H  # the same width: the compiler shares the address arithmetic
     offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     n_mask = offs_n < H
-    # On-chip weights: tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
-    w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, False, NUM_GATES, KC, NUM_KC,
-                                    BLOCK_K)
+    offs_p = pid_h * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < R
+    wr = ()
+    if HAS_PROJ:
+        # Columns of W_hh_g for our slice of h, and of W_hr for our units.
+        w0, w1, w2, w3 = _resident_weights(W, offs_p, p_mask, H, R, _gate_stride(H, R), False,
+                                           NUM_GATES, KC, NUM_KC, BLOCK_K)
+        wr, _, _, _ = _resident_weights(WR, offs_n, n_mask, R, H, 0, False, 1, KC2, NUM_KC2,
+                                        BLOCK_K)
+    else:
+        # Tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
+        w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, H, _gate_stride(H, H), False,
+                                           NUM_GATES, KC, NUM_KC, BLOCK_K)
 
-    n_tiles = tl.cdiv(B, BLOCK_B)
     for s in range(n_steps):
-        bstep = t_begin + s
-        fstep = T - 1 - bstep  # the forward's processing step
-        t = _step_index(fstep, T, REVERSE)
-        t_next = _step_index(fstep + 1, T, REVERSE)
-        t_prev = _step_index(fstep - 1, T, REVERSE)
-        n_live = _active_rows(BATCH_SIZES, t, fstep >= 0, B, T, VARLEN)
-        n_next = _active_rows(BATCH_SIZES, t_next, fstep + 1 < T, B, T, VARLEN)
-        n_prev = _active_rows(BATCH_SIZES, t_prev, fstep > 0, B, T, VARLEN)
-        t64 = t.to(tl.int64)
-        tn64 = tl.maximum(tl.minimum(t_next, T - 1), 0).to(tl.int64)
-        tp64 = tl.maximum(tl.minimum(t_prev, T - 1), 0).to(tl.int64)
-        for tile in range(pid_b, n_tiles, n_prog_b):
-            if tile * BLOCK_B < n_live:
-                rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-                r64 = rows.to(tl.int64)
-                live = rows < n_live
-                in_b = rows < B
-                to_next = rows < n_next
-                from_out = rows < n_prev
-                # Recurrent part of dh_t: the later step's gate gradients times W_hh.
-                dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2, w3,
-                                      B, H, NUM_GATES, KC, NUM_KC, BLOCK_K, DOT_PRECISION)
-
-                own = r64[:, None] * H + offs_n[None, :]
-                own_m = live[:, None] & n_mask[None, :]
-                nxt = to_next[:, None]
-                dh = tl.where(nxt, dh_rec + tl.load(DHST + own, mask=own_m & nxt, other=0.0),
-                              tl.load(DHN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
-                dh += tl.load(DOUT + t64 * B * H + own, mask=own_m, other=0.0).to(tl.float32)
-                dc = dh * 0.0
-                if HAS_C:
-                    dc = tl.where(nxt, tl.load(DCST + own, mask=own_m & nxt, other=0.0),
-                                  tl.load(DCN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
-
-                sel = from_out[:, None]
-                h_prev = tl.where(
-                    sel,
-                    tl.load(HBUF + _slot(t_prev, REVERSE) * B * H + own, mask=own_m & sel,
-                            other=0.0).to(tl.float32),
-                    tl.load(H0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
-                c_prev = h_prev
-                c_new = h_prev
-                if HAS_C:
-                    c_prev = tl.where(
-                        sel, tl.load(CSEQ + tp64 * B * H + own, mask=own_m & sel, other=0.0),
-                        tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
-                    c_new = tl.load(CSEQ + t64 * B * H + own, mask=own_m, other=0.0)
-                sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
-                s0 = tl.load(sv, mask=own_m, other=0.0)
-                s1 = s0
-                s2 = s0
-                s3 = s0
-                if NUM_SAVED > 1:
-                    s1 = tl.load(sv + H, mask=own_m, other=0.0)
-                if NUM_SAVED > 2:
-                    s2 = tl.load(sv + 2 * H, mask=own_m, other=0.0)
-                if NUM_SAVED > 3:
-                    s3 = tl.load(sv + 3 * H, mask=own_m, other=0.0)
-
-                dx0, dx1, dx2, dx3, da0, da1, da2, da3, dh_prev, dc_prev = CELL_BWD(
-                    dh, dc, s0, s1, s2, s3, h_prev, c_prev, c_new)
-
-                lv = live[:, None]
-                out_m = in_b[:, None] & n_mask[None, :]
-                gp = DGH + (t64 * B + r64)[:, None] * GH + offs_n[None, :]
-                ety = DGH.dtype.element_ty
-                tl.store(gp, tl.where(lv, da0, 0.0).to(ety), mask=out_m)
-                if NUM_GATES > 1:
-                    tl.store(gp + H, tl.where(lv, da1, 0.0).to(ety), mask=out_m)
-                if NUM_GATES > 2:
-                    tl.store(gp + 2 * H, tl.where(lv, da2, 0.0).to(ety), mask=out_m)
-                if NUM_GATES > 3:
-                    tl.store(gp + 3 * H, tl.where(lv, da3, 0.0).to(ety), mask=out_m)
-                if SPLIT_X_GRAD:
-                    dxl = dx0
-                    if NUM_GATES == 2:
-                        dxl = dx1
-                    if NUM_GATES == 3:
-                        dxl = dx2
-                    if NUM_GATES == 4:
-                        dxl = dx3
-                    tl.store(DXN + t64 * B * H + own, tl.where(lv, dxl, 0.0).to(ety), mask=out_m)
-                tl.store(DHST + own, dh_prev, mask=own_m)
-                if HAS_C:
-                    tl.store(DCST + own, dc_prev, mask=own_m)
+        phase = t_begin + s
+        bstep = phase
+        if HAS_PROJ:
+            bstep = phase // 2
+            if phase % 2 == 0:
+                _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, offs_p,
+                                  p_mask, pid_b, n_prog_b, bstep, T, B, H, R, NUM_GATES, KC,
+                                  NUM_KC, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+            else:
+                _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN,
+                                DHSEQ, DHST, DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n,
+                                n_mask, pid_b, n_prog_b, bstep, T, B, H, R, CELL_BWD, NUM_GATES,
+                                NUM_SAVED, HAS_C, SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, KC2,
+                                NUM_KC2, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+        else:
+            _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHSEQ,
+                            DHST, DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n, n_mask, pid_b,
+                            n_prog_b, bstep, T, B, H, R, CELL_BWD, NUM_GATES, NUM_SAVED, HAS_C,
+                            SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, KC2, NUM_KC2, BLOCK_B, BLOCK_K,
+                            REVERSE, VARLEN, DOT_PRECISION)
         tl.debug_barrier()
         if USE_BARRIER:
             grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
