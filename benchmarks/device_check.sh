@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check: versions, GPU tests, ceilings, tuning, quick benchmark, summary.
+# One-command GPU check: versions, GPU tests, ceilings, tuning, quick benchmark, LSTMP, summary.
 #
 #   bash benchmarks/device_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else ./device-check-out)
 #
@@ -17,6 +17,7 @@
 #   device_check.log      the full output of every step
 #   floors.json           measured ceilings (python -m benchmarks.floors)
 #   bench_quick.json/.png triton-rnn bench --quick against cuDNN
+#   bench_lstmp.json      LSTM with a projection (proj_size) against cuDNN
 #   bench_graphs.json     CUDA graphs (--cuda-graphs), one direction and bidirectional
 #   bench_flashrnn.json   a few shapes against FlashRNN, when `import flashrnn` works
 # Wheels found under .whl/ (FlashRNN, say) are installed to /tmp/site first.
@@ -159,8 +160,11 @@ step tune_lstm 45 $(r 200) "$PY -m triton_rnn.cli tune --cell lstm --hidden 1024
 # run dies (a lost CUDA context, a hang), a second run resumes with the rest.
 HAVE_FLASH=0
 $PY -c "import flashrnn" >/dev/null 2>&1 && HAVE_FLASH=1
-# The quick grid comes first; FlashRNN gets what is left, at least 70 s if it is there.
-FLASH_RESERVE=$(r $((HAVE_FLASH ? 150 : 80)))
+HAVE_CUDA=0
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && HAVE_CUDA=1
+# The quick grid comes first; then LSTMP (at least 50 s), CUDA graphs (at least 40 s),
+# and FlashRNN gets what is left, at least 70 s if it is there.
+FLASH_RESERVE=$(r $((HAVE_FLASH ? 180 : 110)))
 now=$(date +%s)
 bench_limit=$((DEADLINE - now - FLASH_RESERVE))
 ((bench_limit > 240)) && bench_limit=240
@@ -173,7 +177,19 @@ if [ "$LAST_RC" != 0 ] && [ "$LAST_RC" != skipped ] && [ -s "$OUTDIR/bench_quick
     fi
 fi
 
-# 7. CUDA graphs (the quick grid runs eagerly) on one shape, one direction and
+# 7. LSTM with a projection (LSTMP, proj_size 256 of hidden 1024) against cuDNN's
+# torch.nn.LSTM(proj_size=...): forward shapes first, at most 60 s.
+LSTMP_RESERVE=$(r $((HAVE_FLASH ? 130 : 60)))
+now=$(date +%s)
+left=$((DEADLINE - now - LSTMP_RESERVE))
+((left > 60)) && left=60
+if ((HAVE_CUDA)); then
+    step bench_lstmp $left $LSTMP_RESERVE "$PY -m triton_rnn.cli bench --quick --cells lstm --hidden 1024 --proj 256 --batch 16,64 --seq-len 256 --dtypes bf16 --passes fwd,fwdbwd --impls triton,torch $FLOORS_ARG --out $OUTDIR/bench_lstmp.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
+else
+    log "SKIP bench_lstmp: no CUDA device"
+fi
+
+# 8. CUDA graphs (the quick grid runs eagerly) on one shape, one direction and
 # bidirectional: the two directions of a layer run on two streams, which the
 # capture must join; triton_one_stream runs them one after the other, to show
 # what the overlap buys.
@@ -181,13 +197,13 @@ GRAPH_RESERVE=$(r $((HAVE_FLASH ? 90 : 20)))
 now=$(date +%s)
 left=$((DEADLINE - now - GRAPH_RESERVE))
 ((left > 75)) && left=75
-if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
+if ((HAVE_CUDA)); then
     step bench_graphs $left $GRAPH_RESERVE "$PY -m triton_rnn.cli bench --quick --cells gru --hidden 1024 --batch 16 --passes fwdbwd --directions 2,1 --impls triton,triton_one_stream,torch --cuda-graphs $FLOORS_ARG --out $OUTDIR/bench_graphs.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
 else
     log "SKIP bench_graphs: no CUDA device"
 fi
 
-# 8. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
+# 9. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
 if ((HAVE_FLASH)); then
     now=$(date +%s)
     left=$((DEADLINE - now - 20))
@@ -196,10 +212,10 @@ else
     log "SKIP bench_flashrnn: flashrnn is not importable (carry its wheel under .whl/ to include it)"
 fi
 
-# 9. Summary (always), with the benchmark tables.
+# 10. Summary (always), with the benchmark tables.
 rm -f "$OUTDIR"/*.tmp "$OUTDIR"/*.part
 write_summary
-for name in bench_quick bench_graphs bench_flashrnn; do
+for name in bench_quick bench_lstmp bench_graphs bench_flashrnn; do
     if [ -s "$OUTDIR/$name.json" ]; then
         plot_arg="--no-plot"
         [ "$name" = bench_quick ] && plot_arg="--plot $OUTDIR/$name.png"

@@ -233,3 +233,73 @@ def test_bidirectional_shapes():
     doc = {"impls": ["triton", "triton_one_stream", "torch"], "results": [rec]}
     assert B.table_rows(doc)[1][0] == "lstm-bi"
     assert "lstm-bi/fwdbwd/triton" in B.summarize([rec])["geomean_speedup"]
+
+
+def test_projection_shapes():
+    """``--proj``: LSTMP shapes, their own key and label; old results read as ``proj=0``."""
+    p = B.Shape("lstm", 8, 2, 3, "fp32", "fwdbwd", proj=4)
+    assert p.key == "lstm-fwdbwd-fp32-T3-B2-H8-P4" and p.label == "lstm-p4"
+    assert B.Shape.from_dict(p.to_dict()) == p and p.to_dict()["proj"] == 4
+    old = {k: v for k, v in B.Shape("lstm", 8, 2, 3, "fp32", "fwd").to_dict().items() if k != "proj"}
+    assert B.Shape.from_dict(old).proj == 0 and B.Shape.from_dict(old).key == "lstm-fwd-fp32-T3-B2-H8"
+    assert B.Shape("lstm", 8, 2, 3, "fp32", "fwd", 2, 4).label == "lstm-bi-p4"
+    grid = dict(B.TINY_GRID, batch=[2], passes=["fwd"], proj=[0, 4])
+    assert [s.key for s in B.grid_shapes(grid)] == [  # GRU shapes are not multiplied
+        "gru-fwd-fp32-T4-B2-H8", "lstm-fwd-fp32-T4-B2-H8", "lstm-fwd-fp32-T4-B2-H8-P4"]
+
+
+def test_projection_model_counts():
+    T, Bn, H, P = 256, 16, 1024, 256
+    s = B.Shape("lstm", H, Bn, T, "bf16", "fwdbwd", proj=P)
+    c = B.model_counts(s, {"forward": {"block_h": 64, "block_b": 16}})
+    # Per row and step: W_ih 4H x I, W_hh 4H x P, W_hr P x H multiply-adds.
+    assert c["flops"] == 3 * 2 * T * Bn * (4 * H * H + 4 * H * P + P * H)
+    weights = 4 * H * H + 4 * H * P + P * H + 2 * 4 * H
+    states = Bn * (P + H)  # h (P wide) and c (H wide)
+    fwd = T * Bn * H + weights + states + T * Bn * P + states  # x, weights, h0/c0, out, h_n/c_n
+    bwd = T * Bn * P + T * Bn * H + weights + states  # gy read; gx, weight, h0/c0 grads written
+    assert c["bytes"] == 2 * (fwd + bwd)
+    assert c["barriers"] == 2 * T * 2  # two per step (gates, projection), two passes
+    assert c["programs"] == 16 and c["programs_per_barrier"] == 16
+    whole = B.model_counts(B.Shape("lstm", 8, 2, 3, "fp32", "fwd", proj=4),
+                           {"forward": {"block_h": 8, "block_b": 16}})
+    assert whole["barriers"] == 0  # one program: no barrier
+
+
+def test_projection_shape_runs_against_torch(tmp_path, capsys):
+    lstmp = B.Shape("lstm", 8, 2, 3, "fp32", "fwdbwd", proj=4)
+    rec = B.measure_shape(lstmp, torch.device("cpu"),
+                          ["triton", "triton_stepwise", "torch", "flashrnn"], floors=FLOORS,
+                          rounds=1, n_sets=2, host_reps=1)
+    impls = rec["impls"]
+    for name in ("triton", "triton_stepwise"):
+        assert impls[name]["error"] is None and impls[name]["ms"] > 0, impls[name]
+        assert impls[name]["rel_err"] < 1e-5 and impls[name]["rel_err_grad_x"] < 1e-5
+    assert impls["flashrnn"]["error"] == "not available"  # FlashRNN: no projection
+    assert rec["configs"]["forward"]["block_h"] >= 1 and rec["configs"]["backward"]["block_h"] >= 1
+    assert rec["shape"]["proj"] == 4 and rec["floor"]["floor_ms"] > 0
+    doc = {"impls": ["triton", "triton_stepwise", "torch"], "results": [rec]}
+    assert B.table_rows(doc)[1][0] == "lstm-p4"
+    assert "lstm-p4/fwdbwd/triton" in B.summarize([rec])["geomean_speedup"]
+
+    # The CLI: --proj multiplies the LSTM shapes of the grid.
+    out = tmp_path / "r.json"
+    assert cli_main(["bench", "--tiny", "--cells", "gru,lstm", "--batch", "2", "--passes", "fwd",
+                     "--proj", "0,4", "--impls", "torch", "--out", str(out), "--no-plot"]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["key"] for r in doc["results"]] == [
+        "gru-fwd-fp32-T4-B2-H8", "lstm-fwd-fp32-T4-B2-H8", "lstm-fwd-fp32-T4-B2-H8-P4"]
+    assert all(r["status"] == "ok" for r in doc["results"])
+    assert "lstm-p4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--proj", "8"], "below every hidden size (8 here), got 8"),
+    (["--hidden", "8,16", "--proj", "12"], "below every hidden size (8 here), got 12"),
+    (["--proj", "-1"], "got -1"),
+    (["--cells", "gru", "--proj", "4"], "LSTM shapes only"),
+])
+def test_cli_rejects_a_bad_proj(args, msg, capsys):
+    assert cli_main(["bench", "--tiny", "--no-plot"] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error: --proj" in err and msg in err, err

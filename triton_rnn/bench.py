@@ -25,7 +25,9 @@ path runs.
 
 ``fwd`` is inference (under ``torch.no_grad``); ``fwdbwd`` is a training step's
 forward plus ``backward`` with a random output gradient, including the input
-gradient (as for a layer above the first).
+gradient (as for a layer above the first). An LSTM shape with ``proj`` > 0 is
+an LSTM with ``proj_size=proj`` (LSTMP). FlashRNN has neither a projection nor
+a bidirectional layer: it is "not available" on those shapes.
 
 Next to each time, :func:`floor_model` gives an analytic floor for the shape
 (FLOPs over the measured matrix rate, fewest bytes over the measured copy
@@ -95,16 +97,23 @@ class Shape:
     dtype: str
     pass_: str
     directions: int = 1  # 2: a bidirectional layer
+    proj: int = 0  # LSTM only: proj_size (0: no projection)
 
     @property
     def label(self) -> str:
-        """The cell, with ``-bi`` for a bidirectional layer."""
-        return _cell_label({"cell": self.cell, "directions": self.directions})
+        """The cell, with ``-bi`` for a bidirectional layer and ``-p<proj>`` for a projection."""
+        return _cell_label({"cell": self.cell, "directions": self.directions, "proj": self.proj})
 
     @property
     def key(self) -> str:
-        return (f"{self.label}-{self.pass_}-{self.dtype}-T{self.seq_len}-B{self.batch}"
-                f"-H{self.hidden}")
+        cell = _cell_label({"cell": self.cell, "directions": self.directions})
+        return (f"{cell}-{self.pass_}-{self.dtype}-T{self.seq_len}-B{self.batch}"
+                f"-H{self.hidden}" + (f"-P{self.proj}" if self.proj else ""))
+
+    @property
+    def out_size(self) -> int:
+        """Width of the output and of ``h``: ``proj``, else ``hidden``."""
+        return self.proj or self.hidden
 
     @property
     def input_size(self) -> int:
@@ -123,20 +132,26 @@ class Shape:
     @classmethod
     def from_dict(cls, d: dict) -> "Shape":
         return cls(d["cell"], int(d["hidden"]), int(d["batch"]), int(d["seq_len"]), d["dtype"],
-                   d["pass"], int(d.get("directions", 1)))
+                   d["pass"], int(d.get("directions", 1)), int(d.get("proj", 0)))
 
 
 def grid_shapes(grid: dict) -> List[Shape]:
-    """All shapes of ``grid``, ordered so that the cheap and common ones come first."""
+    """All shapes of ``grid``, ordered so that the cheap and common ones come first.
+
+    ``grid["proj"]`` (default ``[0]``) multiplies the LSTM shapes only.
+    """
     out = []
     for pass_ in grid["passes"]:
         for dtype in grid["dtypes"]:
             for seq_len in grid["seq_len"]:
                 for cell in grid["cells"]:
+                    projs = grid.get("proj", [0]) if cell == "lstm" else [0]
                     for hidden in grid["hidden"]:
                         for batch in grid["batch"]:
                             for d in grid.get("directions", [1]):
-                                out.append(Shape(cell, hidden, batch, seq_len, dtype, pass_, d))
+                                for p in projs:
+                                    out.append(Shape(cell, hidden, batch, seq_len, dtype, pass_,
+                                                     d, p))
     return out
 
 
@@ -266,7 +281,7 @@ def select_configs(shape: Shape, device: torch.device) -> dict:
     for p in passes:
         try:
             cfg = select_config(shape.cell, p, DTYPES[shape.dtype], shape.hidden, shape.batch,
-                                device)
+                                device, proj=shape.proj)
             out[p] = _config_dict(cfg)
         except Exception as e:  # noqa: BLE001
             out[p] = {"error": f"{type(e).__name__}: {e}"}
@@ -278,15 +293,19 @@ def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
 
     * FLOPs: the input projection and the recurrence, ``2*T*B*G*H*(I+H)`` for
       the forward; the backward is counted as twice the forward (gradients of
-      the inputs and of the weights). Elementwise gate math is left out.
+      the inputs and of the weights). Elementwise gate math is left out. With
+      an LSTM projection ``P`` the recurrence is ``G*H*P`` and the projection
+      ``P*H`` multiply-adds per row and step: ``2*T*B*(G*H*I + G*H*P + P*H)``.
     * Bytes: every input read once and every output written once: ``x``,
       weights, biases, initial states, the output and final states; for
       ``fwdbwd`` also the output gradient read and the input, weight and
       initial-state gradients written. Saved activations are left out, so this
-      is a floor that no implementation reaches.
+      is a floor that no implementation reaches. With a projection, ``h``, the
+      output and its gradient are ``P`` wide, ``c`` stays ``H`` wide.
     * Barriers: one grid barrier per step and pass when the hidden dimension is
       split over several programs (``block_h < hidden`` in the selected
-      config, assumed when the config is unknown), none otherwise.
+      config, assumed when the config is unknown), none otherwise; two with a
+      projection (the gates, then the projection).
 
     A bidirectional layer (``directions=2``) doubles the FLOPs and everything
     but the input; its two directions can run at once, so not the barriers.
@@ -294,16 +313,17 @@ def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
     T, B, H, I = shape.seq_len, shape.batch, shape.hidden, shape.input_size
     G = GATES[shape.cell]
     D = shape.directions
+    P, R = shape.proj, shape.out_size
     es = torch.tensor([], dtype=DTYPES[shape.dtype]).element_size()
-    n_states = 2 if shape.cell == "lstm" else 1
-    fwd_flops = D * 2 * T * B * G * H * (I + H)
-    weights = D * (G * H * I + G * H * H + 2 * G * H)
-    fwd_elems = T * B * I + weights + D * (n_states * B * H + T * B * H + n_states * B * H)
+    states = B * (R + H) if shape.cell == "lstm" else B * H  # h (and c) of one direction
+    fwd_flops = D * 2 * T * B * (G * H * I + G * H * R + P * H)
+    weights = D * (G * H * I + G * H * R + P * H + 2 * G * H)
+    fwd_elems = T * B * I + weights + D * (states + T * B * R + states)
     flops, elems = fwd_flops, fwd_elems
     n_pass = 1
     if shape.pass_ == "fwdbwd":
         flops = 3 * fwd_flops
-        elems = fwd_elems + D * T * B * H + T * B * I + weights + D * n_states * B * H
+        elems = fwd_elems + D * T * B * R + T * B * I + weights + D * states
         n_pass = 2
     programs = per_barrier = None
     split = True
@@ -318,7 +338,9 @@ def model_counts(shape: Shape, configs: Optional[dict] = None) -> dict:
             per_barrier = math.ceil(H / bh)
         except (TypeError, ValueError):
             pass
-    return {"flops": int(flops), "bytes": int(elems * es), "barriers": T * n_pass if split else 0,
+    per_step = 2 if P else 1
+    return {"flops": int(flops), "bytes": int(elems * es),
+            "barriers": per_step * T * n_pass if split else 0,
             "programs": programs, "programs_per_barrier": per_barrier}
 
 
@@ -414,7 +436,10 @@ class Case:
         tcls = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[shape.cell]
         D = shape.directions
         bi = D == 2
-        base = cls(I, H, bidirectional=bi, backend="triton").to(device=device, dtype=dtype)
+        kw = {"bidirectional": bi}
+        if shape.proj:
+            kw["proj_size"] = shape.proj
+        base = cls(I, H, backend="triton", **kw).to(device=device, dtype=dtype)
         state = base.state_dict()
         self.modules: Dict[str, torch.nn.Module] = {}
         if "triton" in impls:
@@ -424,15 +449,16 @@ class Case:
                            ("triton_one_stream", {"mode": "persistent",
                                                   "overlap_directions": False})):
             if name in impls:
-                m = cls(I, H, bidirectional=bi, backend="triton").to(device=device, dtype=dtype)
+                m = cls(I, H, backend="triton", **kw).to(device=device, dtype=dtype)
                 m.load_state_dict(state)
                 m.kernel_options = opts
                 self.modules[name] = m
         if "torch" in impls:
-            m = tcls(I, H, bidirectional=bi).to(device=device, dtype=dtype)
+            m = tcls(I, H, **kw).to(device=device, dtype=dtype)
             m.load_state_dict(state)
             self.modules["torch"] = m
         self.n_states = 2 if shape.cell == "lstm" else 1
+        R = shape.out_size  # h0 and the output: P wide with a projection; c0: H wide
         gen = torch.Generator(device=device).manual_seed(seed + 1)
 
         def rnd(*size, scale=1.0):
@@ -443,12 +469,13 @@ class Case:
         self.sets = []
         for _ in range(n_sets):
             s = {"x": rnd(T, B, I).requires_grad_(train),
-                 "h0": [rnd(D, B, H, scale=0.5) for _ in range(self.n_states)]}
+                 "h0": [rnd(D, B, w, scale=0.5) for w in (R, H)[:self.n_states]]}
             if train:
-                s["gy"] = rnd(T, B, D * H)
+                s["gy"] = rnd(T, B, D * R)
             self.sets.append(s)
         self.flash = None
-        if "flashrnn" in impls and not bi:  # one direction only: "not available" otherwise
+        # One direction, no projection: "not available" otherwise.
+        if "flashrnn" in impls and not bi and not shape.proj:
             self._build_flashrnn(state)
         self._i = 0
         self.params = [p for m in self.modules.values() for p in m.parameters()]
@@ -837,8 +864,11 @@ def save_json(data: dict, path: Path) -> None:
 
 
 def _cell_label(shape: dict) -> str:
-    """A result's cell, with ``-bi`` for a bidirectional layer (:attr:`Shape.label`)."""
-    return str(shape.get("cell")) + ("-bi" if shape.get("directions", 1) == 2 else "")
+    """A result's cell, with ``-bi`` for a bidirectional layer and ``-p<proj>`` for an LSTM
+    projection (:attr:`Shape.label`)."""
+    proj = int(shape.get("proj") or 0)
+    return (str(shape.get("cell")) + ("-bi" if shape.get("directions", 1) == 2 else "")
+            + (f"-p{proj}" if proj else ""))
 
 
 def summarize(results: Iterable[dict]) -> dict:

@@ -9,7 +9,9 @@ size at the end. A shape that fails is recorded as an error and the run goes on.
 
 Grids: ``--quick`` (a few minutes on one GPU), the full grid (default), and
 ``--tiny`` (a CPU smoke test through Triton's interpreter; the default when no
-CUDA device is present). ``--cells``, ``--hidden``... narrow any grid.
+CUDA device is present). ``--cells``, ``--hidden``... narrow any grid;
+``--proj`` adds LSTM shapes with a projection (``proj_size``, LSTMP), e.g.
+``--cells lstm --hidden 1024 --proj 256``.
 ``--floors FILE`` (from ``python -m benchmarks.floors``) adds the analytic
 floor of every shape and the achieved fraction of it.
 
@@ -59,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--passes", type=_csv(str), help="comma list: fwd,fwdbwd")
     p.add_argument("--directions", type=_csv(int),
                    help="comma list: 1 (one direction, the default), 2 (a bidirectional layer)")
+    p.add_argument("--proj", type=_csv(int),
+                   help="comma list of LSTM projection sizes (proj_size), 0 for none (the "
+                        "default); each below every --hidden; GRU shapes are not multiplied")
     p.add_argument("--impls", type=_csv(str),
                    help="comma list of triton,triton_stepwise,torch,flashrnn (default: all; "
                         "flashrnn only when importable), or triton_one_stream (bidirectional "
@@ -126,12 +131,20 @@ def _grid(args, B) -> tuple:
             grid[key] = v
     if args.directions:
         grid["directions"] = args.directions
+    if args.proj:
+        grid["proj"] = args.proj
     for d in grid.get("directions", [1]):
         if d not in (1, 2):
             raise CLIError(f"--directions takes 1 and 2, got {d}")
     for c in grid["cells"]:
         if c not in B.GATES:
             raise CLIError(f"unknown cell {c!r}; choose from {sorted(B.GATES)}")
+    for p in grid.get("proj", [0]):
+        if p < 0 or (p and p >= min(grid["hidden"])):
+            raise CLIError(f"--proj takes 0 or sizes below every hidden size "
+                           f"({min(grid['hidden'])} here), got {p}")
+    if any(grid.get("proj", [0])) and "lstm" not in grid["cells"]:
+        raise CLIError("--proj applies to LSTM shapes only: add lstm to --cells")
     for d in grid["dtypes"]:
         if d not in B.DTYPES:
             raise CLIError(f"unknown dtype {d!r}; choose from {sorted(B.DTYPES)}")
