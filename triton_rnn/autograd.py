@@ -12,8 +12,9 @@ large matrix products over them (deterministic, no atomics).
 
 Memory kept for the backward, per token and (layer, direction), besides the
 input and output: ``4 * S * H`` bytes of fp32 activations (``S`` = 4 for LSTM
-and GRU, 1 for RNN), plus ``4 * H`` bytes of fp32 cell state for LSTM. When no
-gradient is needed (inference), the activations are not written at all.
+and GRU, 1 for RNN), plus ``4 * H`` bytes of fp32 cell state for LSTM, and with
+``proj_size`` ``H`` elements of ``m_t`` in the storage dtype. When no gradient is
+needed (inference), the activations are not written at all.
 """
 
 from __future__ import annotations
