@@ -105,7 +105,7 @@ def test_lstm_projection_keeps_both_weights_on_chip(report_for, pass_, dtype, hi
 
     Triton 3.6's ptxas (the GPU image's) keeps two 32-bit loop invariants of the
     2048/512 forward on the stack: stored before the time loop, reloaded once per
-    step (with more registers allowed it keeps them there all the same). 3.9's does not.
+    step; a larger register budget does not reliably remove them). 3.9's does not.
     """
     r = report_for("lstm", pass_, dtype, hidden, proj)
     assert "error" not in r, r.get("error")
