@@ -45,8 +45,9 @@ def make_entry(cfg: KernelConfig, ms: float = 1.0) -> dict:
             "timings": [{"config": cfg.to_dict(), "ms": ms}]}
 
 
-def name_for(cell="gru", pass_="forward", dtype="bfloat16", hidden=256, batch=32, **kw):
-    return C.entry_key(KernelKey.for_shape(cell, pass_, dtype, hidden, batch, 90), GPU, CAP, **kw)
+def name_for(cell="gru", pass_="forward", dtype="bfloat16", hidden=256, batch=32, proj=0, **kw):
+    return C.entry_key(KernelKey.for_shape(cell, pass_, dtype, hidden, batch, 90, proj=proj),
+                       GPU, CAP, **kw)
 
 
 def caught(fn):
@@ -74,6 +75,18 @@ def test_round_trip_and_key_parts(tmp_cache):
     with pytest.raises(C.CacheFormatError):
         cache.put(name, {"config": {"block_h": 3, "block_b": 16}})
     assert not list(tmp_cache.glob("*.tmp"))
+    # An LSTM with a projection: its own key, next to the old-format ones.
+    lstmp = name_for("lstm", hidden=1024, proj=256)
+    cache.put(lstmp, make_entry(KernelConfig(16, 16, 8, 1), 0.7))
+    assert set(C.TuneCache().load()) == {name, lstmp}
+    kkey = C.split_entry_key(lstmp)["kernel_key"]
+    assert str(kkey) == "lstm:forward:bfloat16:h1024p256:b32:sm90" and kkey.proj == 256
+    C.validate_entry(lstmp, make_entry(KernelConfig(16, 16)))
+    with pytest.raises(C.CacheFormatError, match="malformed"):  # p0 is not how a key is written
+        C.validate_entry(name_for("lstm", hidden=1024).replace(":h1024:", ":h1024p0:"),
+                         make_entry(KernelConfig(16, 16)))
+    with pytest.raises(C.CacheFormatError, match="only for lstm"):
+        C.split_entry_key(name_for(hidden=1024).replace(":h1024:", ":h1024p256:"))
 
 
 def test_export_import_merge(tmp_path, tmp_cache, monkeypatch):
@@ -203,6 +216,28 @@ def test_lookup_returns_cached_entry_for_its_bucket(fake_gpu):
     assert at.lookup_config("gru", "forward", "bfloat16", 256, 32, "cpu") is None
 
 
+def test_lookup_keeps_projections_apart(fake_gpu):
+    """An LSTMP entry serves only that projection size; a plain LSTM entry only calls without
+    one, and the nearest-bucket fallback never crosses between them."""
+    def look(batch, proj=None):
+        kw = {} if proj is None else {"proj": proj}
+        return at.lookup_config("lstm", "forward", "bfloat16", 256, batch, "cuda", **kw)
+
+    lstmp = KernelConfig(32, 16, 4, 1)
+    C.TuneCache().put(name_for("lstm", hidden=256, batch=32, proj=64), make_entry(lstmp))
+    at.reload()
+    assert look(32, 64) == lstmp and look(20, 64) == lstmp
+    assert look(256, 64) == lstmp                      # its nearest tuned bucket
+    assert look(32) is None and look(32, 0) is None    # not for the plain LSTM
+    assert look(32, 32) is None and look(32, 128) is None  # nor another projection size
+    plain = KernelConfig(64, 16, 8, 1)
+    C.TuneCache().put(name_for("lstm", hidden=256, batch=128), make_entry(plain))
+    at.reload()
+    assert look(128) == plain and look(32) == plain    # plain LSTM: its own entry, any bucket
+    assert look(128, 64) == lstmp and look(32, 64) == lstmp
+    assert look(128, 32) is None
+
+
 def test_lookup_never_raises_on_broken_cache(tmp_cache, fake_gpu):
     tmp_cache.mkdir(parents=True)
     (tmp_cache / C.CACHE_FILENAME).write_text('{"schema": 1, "entries": [')
@@ -240,6 +275,34 @@ def test_autotune_env_tunes_missing_shape_once(monkeypatch, fake_gpu):
     assert calls == [("lstm:forward:float16:h128:b8:sm90", 8)]
 
 
+def test_autotune_env_tunes_a_projection_under_its_own_key(monkeypatch, fake_gpu):
+    """The on-the-fly tuning of an LSTMP: its own key, and its backward is timed with the
+    forward tile tuned for the same projection (not the plain LSTM's)."""
+    from triton_rnn.autotune import tuner
+    calls = []
+    tiles = {"forward": KernelConfig(32, 16, 4, 1), "backward": KernelConfig(16, 16, 8, 1)}
+
+    def fake_tune_and_store(key, *, gpu, capability, batch, forward_config=None, **kw):
+        calls.append((str(key), forward_config))
+        C.TuneCache().put(C.entry_key(key, gpu, capability), make_entry(tiles[key.pass_]))
+        at.reload()
+
+    monkeypatch.setattr(tuner, "tune_and_store", fake_tune_and_store)
+    C.TuneCache().put(name_for("lstm", "forward", "float16", 128, 8), make_entry(
+        KernelConfig(128, 16, 8, 1)))  # the plain LSTM's forward tile
+    at.reload()
+    monkeypatch.setenv("TRITON_RNN_AUTOTUNE", "1")
+    assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cuda", proj=32) == \
+        tiles["forward"]
+    assert at.lookup_config("lstm", "backward", "float16", 128, 8, "cuda", proj=32) == \
+        tiles["backward"]
+    assert calls == [("lstm:forward:float16:h128p32:b8:sm90", None),
+                     ("lstm:backward:float16:h128p32:b8:sm90", tiles["forward"])]
+    assert at.lookup_config("lstm", "forward", "float16", 128, 8, "cuda") == \
+        KernelConfig(128, 16, 8, 1)
+    assert len(calls) == 2
+
+
 def test_launcher_uses_cached_config(fake_gpu):
     import torch
 
@@ -254,6 +317,30 @@ def test_launcher_uses_cached_config(fake_gpu):
     assert select("gru", "forward", torch.bfloat16, 256, 30, device="cuda") == tuned
     # No device (CPU/interpreter): the launcher's own default.
     assert select("gru", "forward", torch.bfloat16, 256, 24, device=None) == default
+
+
+def test_launcher_uses_the_cached_config_of_a_projection(fake_gpu):
+    """An LSTM with proj_size picks the tile tuned for its projection size (both passes)."""
+    import torch
+
+    from triton_rnn.kernels import launch
+    select = launch.select_config
+    default = launch.default_config("lstm", "forward", torch.bfloat16, 1024, 24, proj=256)
+    tuned = {"forward": KernelConfig(default.block_h * 2, 32, 8, 1),
+             "backward": KernelConfig(16, 16, 4, 1)}
+    assert default not in tuned.values()
+    for pass_, cfg in tuned.items():
+        C.TuneCache().put(name_for("lstm", pass_, hidden=1024, batch=24, proj=256),
+                          make_entry(cfg))
+    at.reload()
+    for pass_, cfg in tuned.items():
+        assert select("lstm", pass_, torch.bfloat16, 1024, 24, device="cuda", proj=256) == cfg
+        assert select("lstm", pass_, torch.bfloat16, 1024, 30, device="cuda", proj=256) == cfg
+    # Not the plain LSTM of the same hidden size, nor another projection size.
+    assert at.lookup_config("lstm", "forward", "bfloat16", 1024, 24, "cuda") is None
+    assert at.lookup_config("lstm", "forward", "bfloat16", 1024, 24, "cuda", proj=128) is None
+    # No device: the launcher's own default for the projection.
+    assert select("lstm", "forward", torch.bfloat16, 1024, 24, device=None, proj=256) == default
 
 
 @pytest.mark.parametrize("kind", ["infinity", "nan", "bigint", "deep"])

@@ -82,6 +82,11 @@ def test_cli_commands(tmp_path):
     C.TuneCache(stream_file).put(
         C.entry_key(KernelKey.for_shape("lstm", "forward", "float32", 2048, 8), GPU, CAP),
         {"config": KernelConfig(32, 16, 8, 1, 128).to_dict(), "ms": 2.0})
+    proj_file = tmp_path / "proj.json"
+    lstm_names = [C.entry_key(KernelKey.for_shape("lstm", "forward", "bfloat16", 256, 32,
+                                                  proj=p), GPU, CAP) for p in (64, 0)]
+    for n, h in zip(lstm_names, (32, 64)):
+        C.TuneCache(proj_file).put(n, {"config": KernelConfig(h, 16, 4, 1).to_dict(), "ms": 0.5})
     bad_file = tmp_path / "bad.json"
     bad_file.write_text('{"schema": 1, "entries": {')
     exported = tmp_path / "exported.json"
@@ -116,11 +121,22 @@ def test_cli_commands(tmp_path):
         (["cache", "import", str(stream_file)], ""),
         (["cache", "clear"], None),
         (["cache", "list"], ""),
+        (["tune", "--cell", "gru", "--hidden", "64", "--proj", "16", "--static-only"], ""),
+        (["tune", "--cell", "lstm", "--hidden", "64", "--proj", "64", "--static-only"], ""),
+        (["tune", "--cell", "lstm", "--hidden", "64", "--proj", "-1", "--static-only"], ""),
+        (["tune", "--cell", "lstm", "--hidden", "64", "--proj", "16"], ""),
+        (["cache", "import", str(proj_file)], ""),
+        (["cache", "list"], ""),
+        (["cache", "show", "lstm:forward:bf16:h256p64:b32:sm90"], ""),
+        (["cache", "show", "lstm:forward:bfloat16:h256:b32:sm90"], ""),
+        (["cache", "show", "h256p64"], ""),
     ]
     driver = start(["-c", DRIVER], env_for(cache_dir),
                    json.dumps(helps + [list(s) for s in steps]))
     no_gpu = start(["-m", "triton_rnn.cli", "tune", "--cell", "gru", "--hidden", "64"],
                    env_for(tmp_path / "other"))
+    bad_proj = start(["-m", "triton_rnn.cli", "tune", "--cell", "lstm", "--hidden", "128",
+                      "--proj", "256", "--static-only"], env_for(tmp_path / "other"))
     bad_import = start(["-m", "triton_rnn.cli", "cache", "import", str(bad_file)],
                        env_for(tmp_path / "other"))
 
@@ -168,9 +184,23 @@ def test_cli_commands(tmp_path):
     assert "imported 1 new" in ok(24)
     assert r[25]["rc"] == 1 and "nothing deleted" in r[25]["err"]  # closed stdin: no answer
     assert "h32 b16 w8 s1 k128" in ok(26)  # a streaming tile says so
+    # --proj: LSTM only, smaller than --hidden, not negative; checked before the GPU is.
+    assert "--cell lstm only" in fails(27)
+    assert "smaller than --hidden (64)" in fails(28)
+    assert "--proj" in fails(29) and "must be >= 0" in fails(29)
+    assert "--static-only" in fails(30)
+    assert "imported 2 new" in ok(31)
+    table = [ln.split() for ln in ok(32).splitlines()[1:-1]]
+    hidden_col = ok(32).splitlines()[0].split().index("HIDDEN")
+    assert sorted(row[hidden_col] for row in table) == ["2048", "256", "256p64"]  # + step 24
+    assert json.loads(ok(33))["key"] == lstm_names[0]   # the kernel key, any dtype spelling
+    assert json.loads(ok(34))["key"] == lstm_names[1]   # the plain LSTM: not the LSTMP
+    assert json.loads(ok(35))["key"] == lstm_names[0]
 
     rc, out, err = finish(no_gpu)
     assert rc != 0 and "no CUDA GPU" in one_line(err)
+    rc, out, err = finish(bad_proj)
+    assert rc == 2 and "smaller than --hidden (128), got 256" in one_line(err)
     rc, out, err = finish(bad_import)
     assert rc == 2 and "not a valid cache file" in one_line(err)
 

@@ -62,6 +62,114 @@ def test_candidates_small_valid_and_include_default(cell, hidden, batch):
         assert c.block_b >= 16 and c.block_h >= 16
 
 
+def test_kernel_key_with_a_projection():
+    plain = KernelKey.for_shape("lstm", "forward", "bf16", 1024, 20)
+    assert str(plain) == "lstm:forward:bfloat16:h1024:b32:sm90"  # the old format, unchanged
+    assert plain == KernelKey("lstm", "forward", "bfloat16", 1024, 32, 90)  # positional, as before
+    assert plain.proj == 0 and KernelKey.parse(str(plain)) == plain
+    assert plain.to_dict() == {"cell": "lstm", "pass": "forward", "dtype": "bfloat16",
+                               "hidden": 1024, "batch_bucket": 32, "arch": 90}
+    lstmp = KernelKey.for_shape("lstm", "forward", "bf16", 1024, 20, proj=256)
+    assert str(lstmp) == "lstm:forward:bfloat16:h1024p256:b32:sm90"
+    assert KernelKey.parse(str(lstmp)) == lstmp == KernelKey("lstm", "forward", "bfloat16", 1024,
+                                                             32, 90, 256)
+    assert lstmp != plain and hash(lstmp) != hash(plain)
+    assert lstmp.to_dict() == {**plain.to_dict(), "proj": 256}
+    assert KernelKey.parse("lstm:backward:fp16:h2048p512:b1024:sm100") == \
+        KernelKey("lstm", "backward", "float16", 2048, 1024, 100, proj=512)
+    for bad in ("h1024p", "h1024p0", "h1024p256p8", "hp256", "h1024q256", "h1024p-8"):
+        with pytest.raises(ValueError, match="not a kernel key"):
+            KernelKey.parse(f"lstm:forward:bfloat16:{bad}:b32:sm90")
+
+
+@pytest.mark.parametrize("cell,hidden,proj,why", [
+    ("gru", 256, 64, "only for lstm"), ("rnn_tanh", 256, 64, "only for lstm"),
+    ("lstm", 256, 256, "smaller than hidden"), ("lstm", 256, 512, "smaller than hidden"),
+    ("lstm", 256, -1, ">= 0"),
+])
+def test_kernel_key_refuses_a_bad_projection(cell, hidden, proj, why):
+    with pytest.raises(ValueError, match=why):
+        KernelKey.for_shape(cell, "forward", "bfloat16", hidden, 32, proj=proj)
+    if proj > 0:
+        with pytest.raises(ValueError, match=why):
+            KernelKey.parse(f"{cell}:forward:bfloat16:h{hidden}p{proj}:b32:sm90")
+
+
+@pytest.mark.parametrize("hidden,proj,dtype", [(2048, 512, "bfloat16"), (1024, 256, "bfloat16"),
+                                               (4096, 1024, "float16"), (1024, 512, "float32"),
+                                               (256, 64, "bfloat16"), (64, 16, "float32")])
+def test_projection_candidates_fit_and_include_the_default(hidden, proj, dtype):
+    from triton_rnn.kernels import launch
+    key = KernelKey.for_shape("lstm", "forward", dtype, hidden, 64, proj=proj)
+    default = space.heuristic_config(key)
+    assert default == launch.default_config("lstm", "forward", dtype, hidden, 64, proj=proj)
+    cands = space.candidate_configs(key, default)
+    assert cands[0] == default and len(set(cands)) == len(cands)
+    assert 4 <= len(cands) <= space.MAX_CANDIDATES
+    _, max_smem = space.arch_info(key.arch)
+    persistent = [c for c in cands if not c.block_k]
+    assert persistent or default.block_k  # (4096, 1024) in fp16 streams W_hh by default
+    for c in persistent:  # the slice is W_hh with proj inputs plus a share of W_hr
+        assert launch.weight_slice_bytes("lstm", hidden, c.block_h, key.elem_bytes, proj=proj) \
+            <= max_smem, c
+
+
+def test_projection_changes_the_candidates():
+    """LSTM 2048 bf16 streams W_hh; with a 512 projection the slices are small enough to stay
+    on chip, and the block_h that fit differ."""
+    plain = KernelKey.for_shape("lstm", "forward", "bfloat16", 2048, 64)
+    lstmp = KernelKey.for_shape("lstm", "forward", "bfloat16", 2048, 64, proj=512)
+    assert space.heuristic_config(plain).block_k > 0
+    assert space.heuristic_config(lstmp).block_k == 0
+    assert space.candidate_configs(plain) != space.candidate_configs(lstmp)
+
+
+def test_static_checks_see_the_projection(monkeypatch):
+    key = KernelKey.for_shape("lstm", "backward", "bfloat16", 1024, 20, proj=256)
+    cands = space.candidate_configs(key)
+    seen = []
+    res = tuner.prune(key, cands, report_fn=fake_reports({}, seen))
+    assert len(res.kept) == len(cands)
+    assert set(seen) == {("lstm", "backward", "bfloat16", 1024, 32, 90, 256)}
+    seen.clear()
+    rf = fake_reports({cands[0]: {"local_bytes": 4}}, seen)
+    assert space.heuristic_config(key, rf, tuner.drop_reasons) == cands[1]
+    assert {s[-1] for s in seen} == {256}
+    # In an interpreting process all candidates go to one subprocess: the requests carry it.
+    from triton_rnn.kernels import inspect as kinspect
+    requests = []
+
+    def static_reports(reqs):
+        requests.extend(reqs)
+        return [clean_report(KernelConfig.from_dict(r["config"])) for r in reqs]
+    monkeypatch.setattr(kinspect, "static_reports", static_reports)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tuner.prune(key, cands[:3]).kept_configs == cands[:3]
+    assert [(r["hidden"], r["proj"], r["batch"]) for r in requests] == [(1024, 256, 32)] * 3
+
+
+def test_tune_and_store_a_projection(tmp_cache):
+    key = KernelKey.for_shape("lstm", "forward", "bfloat16", 1024, 32, proj=256)
+    cands = space.candidate_configs(key)
+    fastest = cands[1]
+    keys = []
+
+    def timer(k, c):
+        keys.append(k)
+        return 0.5 if c == fastest else 1.0
+    res = tuner.tune_and_store(key, gpu="NVIDIA H200", capability=(9, 0), batch=32,
+                               timer=timer, report_fn=fake_reports({}))
+    assert res.best == fastest and set(keys) == {key}
+    name = C.entry_key(key, "NVIDIA H200", (9, 0))
+    assert name.startswith("lstm:forward:bfloat16:h1024p256:b32:sm90|")
+    entry = C.TuneCache().load()[name]
+    assert entry["kernel"]["proj"] == 256 and entry["config"] == fastest.to_dict()
+    assert entry["default_config"] == space.heuristic_config(key).to_dict()
+    # The plain LSTM of the same hidden size is another key: nothing stored for it.
+    plain = KernelKey.for_shape("lstm", "forward", "bfloat16", 1024, 32)
+    assert C.entry_key(plain, "NVIDIA H200", (9, 0)) not in C.TuneCache().load()
+
+
 def test_large_hidden_also_tries_streaming_tiles():
     # LSTM 1024 bf16: every persistent tile spills on sm_90 (triton 3.9), so
     # weight-streaming tiles (block_k > 0) must be among the candidates.
@@ -100,9 +208,14 @@ def test_drop_reasons_each_rule():
                                            blocks_per_sm=1)) == []
 
 
-def fake_reports(bad: dict):
-    """A static_report stand-in: ``bad`` maps config -> report overrides (or an exception)."""
-    def report_fn(cell, pass_, dtype, hidden, batch, config=None, arch=90):
+def fake_reports(bad: dict, seen: list = None):
+    """A static_report stand-in: ``bad`` maps config -> report overrides (or an exception).
+
+    ``seen`` (a list) gets the shape of every call, projection included.
+    """
+    def report_fn(cell, pass_, dtype, hidden, batch, config=None, arch=90, proj=0):
+        if seen is not None:
+            seen.append((cell, pass_, dtype, hidden, batch, arch, proj))
         over = bad.get(config, {})
         if isinstance(over, Exception):
             raise over
@@ -262,6 +375,10 @@ def test_module_timer_builds_the_right_layer():
     assert m.bidirectional and m.hidden_size == 32 and m.input_size == 32
     m = t.build(KernelKey.for_shape("lstm", "forward", "bfloat16", 16, 4))
     assert isinstance(m, torch.nn.LSTM) and m.weight_hh_l0.dtype == torch.bfloat16
+    assert m.proj_size == 0
+    m = t.build(KernelKey.for_shape("lstm", "backward", "bfloat16", 16, 4, proj=8))
+    assert isinstance(m, torch.nn.LSTM) and m.proj_size == 8 and m.hidden_size == 16
+    assert tuple(m.weight_hh_l0.shape) == (64, 8) and tuple(m.weight_hr_l0.shape) == (8, 16)
 
 
 #: One key, two tiles. A 16-unit slice of a 512x512 bf16 W_hh (16 KB) fits with 8
@@ -303,11 +420,14 @@ def test_static_pruning_with_the_real_compiler(tmp_path):
     assert len(out["lines"]) == 1 and "shared memory" in out["lines"][0], out["lines"]
 
 
-@pytest.mark.parametrize("pass_", ["forward", "backward"])
-def test_module_timer_runs_what_it_times(monkeypatch, pass_):
+@pytest.mark.parametrize("pass_,cell,proj", [("forward", "gru", 0), ("backward", "gru", 0),
+                                             ("backward", "lstm", 4)])
+def test_module_timer_runs_what_it_times(monkeypatch, pass_, cell, proj):
     """The timer's calls, in the interpreter with do_bench replaced: a training forward
     (activations written) for a forward key, forward plus backward for a backward key,
-    the candidate tile in the right slot, and fresh inputs on every call."""
+    the candidate tile in the right slot, and fresh inputs on every call. An LSTMP key
+    runs the projection (W_hr given, h0 and the output gradients ``proj`` wide; its backward
+    key also covers the forward)."""
     import torch
     import triton.testing
 
@@ -315,12 +435,16 @@ def test_module_timer_runs_what_it_times(monkeypatch, pass_):
     calls = []
     real_fwd, real_bwd = launch.forward, launch.backward
 
-    def fwd(*a, **kw):  # launch.forward(cell, xg, ..., cfg (9th), mode, save=...)
+    widths = []
+
+    def fwd(*a, **kw):  # launch.forward(cell, xg, w_hh, b_hn, h0, ..., cfg (9th), mode, save=...)
         calls.append(("forward", a[9], kw.get("save"), float(a[1].float().sum())))
+        widths.append(("forward", a[4].shape[-1], kw.get("w_hr") is not None))
         return real_fwd(*a, **kw)
 
     def bwd(*a, **kw):  # launch.backward(cell, dout, ..., cfg (12th), mode)
         calls.append(("backward", a[12]))
+        widths.append(("backward", a[1].shape[-1], kw.get("w_hr") is not None))
         return real_bwd(*a, **kw)
 
     def do_bench(fn, warmup, rep, return_mode, grad_to_none=None):
@@ -334,8 +458,10 @@ def test_module_timer_runs_what_it_times(monkeypatch, pass_):
     fixed, cand = KernelConfig(8, 2), KernelConfig(4, 2)
     t = tuner.ModuleTimer(batch=3, seq_len=4, device="cpu", forward_config=fixed,
                           warmup_calls=1, rotate=2)
-    ms = t(KernelKey.for_shape("gru", pass_, "float32", 8, 3), cand)
+    ms = t(KernelKey.for_shape(cell, pass_, "float32", 8, 3, proj=proj), cand)
     assert ms == 0.25
+    assert {(p, w) for p, w, _ in widths} <= {("forward", proj or 8), ("backward", proj or 8)}
+    assert all(has_wr == bool(proj) for *_, has_wr in widths)
     fwds = [c for c in calls if c[0] == "forward"]
     bwds = [c for c in calls if c[0] == "backward"]
     assert len(fwds) == 4 and all(save for _, _, save, _ in fwds)

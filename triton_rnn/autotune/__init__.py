@@ -11,9 +11,10 @@ file once per process (and again after this process tunes or calls
 :func:`reload`), so it costs a dictionary look-up. It never raises: a broken
 cache gives one warning and ``None`` (the launcher then uses its default).
 A batch whose bucket has no entry takes the tile of the nearest tuned bucket
-of the same kernel (same cell, pass, dtype, hidden size, GPU and versions;
-ties go to the larger bucket), so a new batch size, such as the short last
-batch of an epoch, neither re-tunes nor compiles another kernel variant.
+of the same kernel (same cell, pass, dtype, hidden size, LSTM projection
+size, GPU and versions; ties go to the larger bucket), so a new batch size,
+such as the short last batch of an epoch, neither re-tunes nor compiles
+another kernel variant.
 It tunes only when ``TRITON_RNN_AUTOTUNE=1``, the device is a CUDA device and
 no bucket of the kernel is tuned yet; otherwise training code never tunes on
 the hot path (``triton-rnn tune --batch N`` tunes further buckets
@@ -85,9 +86,13 @@ def _entries(path) -> dict:
 
 
 def _family(kkey: KernelKey, gpu_id: str, cap, triton: str, library: str) -> tuple:
-    """An entry's kernel without its batch bucket: the entries one call may fall back to."""
-    return (kkey.cell, kkey.pass_, kkey.dtype, kkey.hidden, kkey.arch, gpu_id, tuple(cap),
-            triton, library)
+    """An entry's kernel without its batch bucket: the entries one call may fall back to.
+
+    The projection size is part of it: an LSTMP never borrows a plain LSTM's tile
+    (nor another projection's), whose weight slice has another size.
+    """
+    return (kkey.cell, kkey.pass_, kkey.dtype, kkey.hidden, kkey.proj, kkey.arch, gpu_id,
+            tuple(cap), triton, library)
 
 
 def _nearest_bucket(entries: dict, name: str) -> Optional[dict]:
@@ -132,25 +137,31 @@ def _autotune_enabled() -> bool:
     return os.environ.get("TRITON_RNN_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def lookup_config(cell, pass_, dtype, hidden, batch, device) -> Optional[KernelConfig]:
-    """The tuned tile for this call, or ``None`` (use the default). Never raises."""
+def lookup_config(cell, pass_, dtype, hidden, batch, device,
+                  proj: int = 0) -> Optional[KernelConfig]:
+    """The tuned tile for this call, or ``None`` (use the default). Never raises.
+
+    ``proj``: an LSTM's projection size (0: none); its entries are its own.
+    """
     try:
         env = os.environ
         where = env.get("TRITON_RNN_CACHE_DIR")
         tune_flag = env.get("TRITON_RNN_AUTOTUNE")
-        memo_key = (cell, pass_, dtype, hidden, batch, device, tune_flag)
+        memo_key = (cell, pass_, dtype, hidden, proj, batch, device, tune_flag)
         if _state["env"] == where and _state["entries"] is not None:
             hit = _memo.get(memo_key, _MISS)
             if hit is not _MISS:
                 return hit
-        return _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, memo_key)
+        return _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, memo_key,
+                            proj)
     except Exception as e:  # noqa: BLE001 - the hot path must never fail because of the cache
         _warn_once(("lookup", type(e).__name__),
                    f"triton_rnn autotune: ignoring the tuning cache ({type(e).__name__}: {e})")
         return None
 
 
-def _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, memo_key):
+def _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, memo_key,
+                 proj=0):
     tune_on = _autotune_enabled()
     path = cache_path()
     entries = _entries(path)
@@ -160,7 +171,8 @@ def _lookup_slow(cell, pass_, dtype, hidden, batch, device, where, tune_flag, me
         _memo[memo_key] = None
         return None
     gpu, cap = ident
-    key = KernelKey.for_shape(cell, pass_, dtype, hidden, batch, arch=cap[0] * 10 + cap[1])
+    key = KernelKey.for_shape(cell, pass_, dtype, hidden, batch, arch=cap[0] * 10 + cap[1],
+                              proj=proj)
     name = entry_key(key, gpu, cap)
     entry = entries.get(name)
     if entry is None:
@@ -185,7 +197,8 @@ def _tune_now(key: KernelKey, name: str, gpu: str, cap, batch: int, device) -> O
         try:
             fwd = None
             if key.pass_ == "backward":
-                fwd = lookup_config(key.cell, "forward", key.dtype, key.hidden, batch, device)
+                fwd = lookup_config(key.cell, "forward", key.dtype, key.hidden, batch, device,
+                                    proj=key.proj)
             tune_and_store(key, gpu=gpu, capability=cap, batch=batch, seq_len=AUTOTUNE_SEQ_LEN,
                            device=device, forward_config=fwd)
         except Exception as e:  # noqa: BLE001

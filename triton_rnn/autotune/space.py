@@ -4,7 +4,7 @@ Kernel key
 ----------
 A tuned tile is stored per :class:`KernelKey`:
 
-``(cell, pass, dtype, hidden, batch bucket, arch)``
+``(cell, pass, dtype, hidden, batch bucket, arch, proj)``
 
 * ``cell``: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``;
 * ``pass``: ``"forward"`` or ``"backward"`` (the backward kernel has its own tile);
@@ -13,6 +13,15 @@ A tuned tile is stored per :class:`KernelKey`:
   model, so a model meets only one or two values, and it decides how many bytes
   of ``W_hh`` each program keeps on chip: a tile that fits at ``hidden=768``
   may not fit at ``hidden=1024``, so two hidden sizes never share an entry;
+* ``proj``: an LSTM's projection size (``proj_size``), **exact** like the hidden
+  size, 0 without a projection (LSTM only, less than ``hidden``). It changes the
+  weight slice each program keeps on chip (``W_hh`` has ``proj`` inputs, and each
+  program also holds its share of ``W_hr``: see
+  :func:`triton_rnn.kernels.launch.weight_slice_bytes`), so an LSTMP never shares
+  an entry with the plain LSTM of the same hidden size, nor with another
+  projection size. A key without a projection is written as before
+  (``lstm:forward:bfloat16:h1024:b32:sm90``); with one, the hidden field carries
+  it (``lstm:forward:bfloat16:h1024p256:b32:sm90``);
 * ``batch bucket``: the batch size rounded **up** to a power of two, at least
   1 and at most :data:`BATCH_CAP` (see :func:`batch_bucket`). A batch whose
   bucket was never tuned takes the tile of the nearest tuned bucket of the same
@@ -33,7 +42,8 @@ Candidate tiles
 :func:`candidate_configs` returns a small set (at most :data:`MAX_CANDIDATES`)
 of :class:`~triton_rnn.kernels.config.KernelConfig` around the default: up to
 four ``block_h`` values (powers of two from 16 to the padded hidden size whose
-``W_hh`` slice fits a block's shared memory, nearest to the default's), two or
+weight slice, :func:`~triton_rnn.kernels.launch.weight_slice_bytes` with the
+key's projection, fits a block's shared memory, nearest to the default's), two or
 three ``block_b`` values (the default's, 32 or 16 beside it, and 64 for batch
 buckets of 64 and more), ``num_warps`` in {4, 8}, ``num_stages=1`` and, when
 the default streams ``W_hh`` (``block_k > 0``), ``block_k`` at the default's
@@ -128,6 +138,8 @@ class KernelKey:
     hidden: int
     batch_bucket: int
     arch: int
+    #: an LSTM's projection size (``proj_size``); 0: none
+    proj: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "cell", normalize_cell(self.cell))
@@ -142,32 +154,55 @@ class KernelKey:
         if self.batch_bucket != batch_bucket(self.batch_bucket):
             raise ValueError(f"batch_bucket must be a power of two <= {BATCH_CAP}, "
                              f"got {self.batch_bucket}")
+        proj = int(self.proj or 0)
+        if proj < 0:
+            raise ValueError(f"proj must be >= 0, got {proj}")
+        if proj and self.cell != "lstm":
+            raise ValueError(f"proj (a projection size) is only for lstm, got cell "
+                             f"{self.cell!r} with proj={proj}")
+        if proj >= self.hidden:
+            raise ValueError(f"proj must be smaller than hidden ({self.hidden}), got {proj}")
+        object.__setattr__(self, "proj", proj)
 
     @classmethod
-    def for_shape(cls, cell, pass_, dtype, hidden, batch, arch=90) -> "KernelKey":
+    def for_shape(cls, cell, pass_, dtype, hidden, batch, arch=90, proj=0) -> "KernelKey":
         """The key a call with this shape uses (the batch goes to its bucket)."""
-        return cls(cell, pass_, dtype, int(hidden), batch_bucket(batch), int(arch))
+        return cls(cell, pass_, dtype, int(hidden), batch_bucket(batch), int(arch),
+                   int(proj or 0))
+
+    @property
+    def shape_label(self) -> str:
+        """``"1024"``, or ``"1024p256"`` with a projection: the key's hidden field."""
+        return f"{self.hidden}p{self.proj}" if self.proj else str(self.hidden)
 
     def __str__(self) -> str:
-        return (f"{self.cell}:{self.pass_}:{self.dtype}:h{self.hidden}:"
+        return (f"{self.cell}:{self.pass_}:{self.dtype}:h{self.shape_label}:"
                 f"b{self.batch_bucket}:sm{self.arch}")
 
     @classmethod
     def parse(cls, text: str) -> "KernelKey":
-        """Inverse of ``str(key)``."""
+        """Inverse of ``str(key)``: ``...:h1024:...``, with a projection ``...:h1024p256:...``."""
         parts = text.split(":")
         if (len(parts) != 6 or not parts[3].startswith("h") or not parts[4].startswith("b")
                 or not parts[5].startswith("sm")):
             raise ValueError(f"not a kernel key: {text!r}")
+        hidden, sep, proj = parts[3][1:].partition("p")
         try:
-            return cls(parts[0], parts[1], parts[2], int(parts[3][1:]), int(parts[4][1:]),
-                       int(parts[5][2:]))
+            proj = int(proj) if sep else 0
+            if sep and proj < 1:  # "h1024p0" is not how a key is written
+                raise ValueError(f"projection size must be >= 1, got {proj}")
+            return cls(parts[0], parts[1], parts[2], int(hidden), int(parts[4][1:]),
+                       int(parts[5][2:]), proj)
         except (TypeError, ValueError) as e:
             raise ValueError(f"not a kernel key: {text!r} ({e})") from None
 
     def to_dict(self) -> dict:
-        return {"cell": self.cell, "pass": self.pass_, "dtype": self.dtype,
-                "hidden": self.hidden, "batch_bucket": self.batch_bucket, "arch": self.arch}
+        """The key's fields; ``"proj"`` only with a projection (as ``str(key)`` shows it)."""
+        d = {"cell": self.cell, "pass": self.pass_, "dtype": self.dtype,
+             "hidden": self.hidden, "batch_bucket": self.batch_bucket, "arch": self.arch}
+        if self.proj:
+            d["proj"] = self.proj
+        return d
 
     @property
     def gates(self) -> int:
@@ -182,7 +217,7 @@ def _default(key: KernelKey) -> KernelConfig:
     from ..kernels.launch import default_config
 
     return default_config(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket,
-                          num_sms=arch_info(key.arch)[0])
+                          num_sms=arch_info(key.arch)[0], proj=key.proj)
 
 
 def _log2(v: int) -> float:
@@ -204,10 +239,9 @@ def _preference_order(key: KernelKey, base: KernelConfig,
 
 
 def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
-    from ..kernels.launch import padded_k
+    from ..kernels.launch import weight_slice_bytes
 
     top = max(16, _next_pow2(key.hidden))
-    k_rows = padded_k(key.hidden, gpu=True)  # the slice's K extent: whole 256-input chunks
     _, max_smem = arch_info(key.arch)
     streams = bool(base.block_k)
     bhs = []
@@ -215,7 +249,10 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
     while b <= top:
         # A persistent slice that alone exceeds a block's shared memory would only be
         # compiled to be dropped: leave it out (the default's own block_h always stays).
-        if streams or b == base.block_h or key.gates * k_rows * b * key.elem_bytes <= max_smem:
+        # (The slice: K padded to whole 256-input chunks; with a projection, the larger
+        # of the two passes' W_hh and W_hr shares.)
+        if streams or b == base.block_h or weight_slice_bytes(
+                key.cell, key.hidden, b, key.elem_bytes, proj=key.proj, gpu=True) <= max_smem:
             bhs.append(b)
         b *= 2
     bhs.sort(key=lambda v: (abs(math.log2(v) - math.log2(base.block_h)), -v))
@@ -276,7 +313,7 @@ def heuristic_config(key: KernelKey, report_fn: Optional[Callable] = None,
     for cfg in candidate_configs(key, base):
         try:
             report = report_fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket,
-                               config=cfg, arch=key.arch)
+                               config=cfg, arch=key.arch, proj=key.proj)
         except Exception:  # noqa: BLE001 - a config that fails to compile is not accepted
             continue
         if not accept(report):

@@ -6,11 +6,12 @@ Tuning one :class:`~triton_rnn.autotune.space.KernelKey` runs three steps:
    (the default first, 6 to 16 configs).
 2. **Static pruning** (no GPU needed): each candidate is compiled for
    ``sm_{arch}`` by ``triton_rnn.kernels.inspect.static_report`` at the
-   bucket's largest batch, and dropped when it spills to local memory, needs
-   more shared memory than a block can get, needs more than 255 registers per
-   thread or more than 65,536 per block, or launches more programs than can be
-   resident at once (``grid > num_sms * blocks_per_sm``: the grid barrier
-   would deadlock). :func:`drop_reasons` says why.
+   bucket's largest batch (with the key's LSTM projection, if any), and
+   dropped when it spills to local memory, needs more shared memory than a
+   block can get, needs more than 255 registers per thread or more than
+   65,536 per block, or launches more programs than can be resident at once
+   (``grid > num_sms * blocks_per_sm``: the grid barrier would deadlock).
+   :func:`drop_reasons` says why.
 3. **Timing** (GPU): every survivor is timed by a *timer*, a callable
    ``timer(key, config) -> milliseconds``. The default :class:`ModuleTimer`
    runs a one-layer ``triton_rnn`` module with ``kernel_options`` set to the
@@ -133,7 +134,8 @@ def _batched_reports(key: KernelKey, configs) -> Optional[list]:
         return None
     return static_reports([dict(cell=key.cell, pass_=key.pass_, dtype=key.dtype,
                                 hidden=key.hidden, batch=key.batch_bucket,
-                                config=c.to_dict(), arch=key.arch) for c in configs])
+                                config=c.to_dict(), arch=key.arch, proj=key.proj)
+                           for c in configs])
 
 
 @dataclass
@@ -171,7 +173,7 @@ def prune(key: KernelKey, configs: Sequence[KernelConfig], report_fn=None,
                 report = batched[i]
             else:
                 report = report_fn(key.cell, key.pass_, key.dtype, key.hidden, key.batch_bucket,
-                                   config=cfg, arch=key.arch)
+                                   config=cfg, arch=key.arch, proj=key.proj)
             reasons = drop_reasons(report)
         except Exception as e:  # noqa: BLE001 - e.g. out of resources at compile time
             msg = str(e).strip().splitlines()
@@ -213,7 +215,10 @@ class TuneResult:
 class ModuleTimer:
     """Times one candidate on the GPU through a one-layer ``triton_rnn`` module.
 
-    The module is built with ``input_size == hidden``, given
+    The module is built with ``input_size == hidden`` (and, for an LSTM key
+    with a projection, ``proj_size`` = the key's: its initial ``h``, its outputs
+    and so the output gradients are then ``proj`` wide, its initial ``c`` stays
+    ``hidden`` wide), given
     ``kernel_options = {"config"/"backward_config": candidate, "mode": "persistent"}``
     and run on ``rotate`` fresh ``randn`` inputs (and initial states, and output
     gradients for the backward pass), used in turn so no two consecutive calls
@@ -239,6 +244,8 @@ class ModuleTimer:
         H = key.hidden
         kw = {"bidirectional": self.direction == "bi", "backend": "triton"}
         if key.cell == "lstm":
+            if key.proj:
+                kw["proj_size"] = key.proj
             m = triton_rnn.LSTM(H, H, **kw)
         elif key.cell == "gru":
             m = triton_rnn.GRU(H, H, **kw)
@@ -260,6 +267,7 @@ class ModuleTimer:
         m.kernel_options = opts
         dtype = getattr(torch, key.dtype)
         T, B, H = self.seq_len, self.batch, key.hidden
+        R = key.proj or H  # the width of h (initial state, outputs): the projection's
         D = 2 if self.direction == "bi" else 1
         g = torch.Generator(device=self.device).manual_seed(self.seed)
 
@@ -267,10 +275,10 @@ class ModuleTimer:
             return torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32).to(dtype)
 
         xs = [rnd(T, B, H) for _ in range(self.rotate)]
-        hs = [rnd(D, B, H) for _ in range(self.rotate)]
+        hs = [rnd(D, B, R) for _ in range(self.rotate)]
         if key.cell == "lstm":
-            hs = [(h, rnd(D, B, H)) for h in hs]
-        gos = [rnd(T, B, D * H) for _ in range(self.rotate)] if key.pass_ == "backward" else None
+            hs = [(h, rnd(D, B, H)) for h in hs]  # c stays hidden wide
+        gos = [rnd(T, B, D * R) for _ in range(self.rotate)] if key.pass_ == "backward" else None
         params = list(m.parameters())
         turn = [0]
 

@@ -23,14 +23,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub.required = True
 
     s = sub.add_parser("list", help="a table of the cached entries",
-                       description="List the cached entries, one row each. ID (or any unique "
+                       description="List the cached entries, one row each. HIDDEN is the "
+                                   "hidden size, with an LSTM's projection size after 'p' "
+                                   "(1024p256: hidden 1024, proj_size 256). ID (or any unique "
                                    "part of KEY) can be given to 'cache show'.")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("show", help="print one entry as JSON",
                        description="Print one entry, with the timings of every candidate.")
     s.add_argument("key", metavar="KEY",
-                   help="the entry's ID from 'cache list', its full key, or a unique part of it")
+                   help="the entry's ID from 'cache list', its full key, its kernel key "
+                        "(e.g. lstm:forward:bfloat16:h1024p256:b32:sm90), or a unique part of it")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("clear", help="delete every entry (asks first)",
@@ -106,7 +109,7 @@ def cmd_list(args) -> int:
         k = p["kernel_key"]
         ms = e.get("ms")
         sp = e.get("speedup")
-        rows.append((short_id(name), k.cell, k.pass_, k.dtype, str(k.hidden),
+        rows.append((short_id(name), k.cell, k.pass_, k.dtype, k.shape_label,
                      f"<={k.batch_bucket}", f"sm{k.arch}", p["gpu"], p["triton"],
                      _cfg_str(e.get("config")),
                      f"{ms:.4f}" if isinstance(ms, (int, float)) else "-",
@@ -118,6 +121,18 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _kernel_key_hits(entries, want: str) -> list:
+    """The entries of kernel key ``want`` (``lstm:forward:bf16:h1024p256:b32:sm90``, any
+    spelling :meth:`KernelKey.parse` accepts), for every GPU and version; [] if not a key."""
+    from ..autotune.cache import split_entry_key
+    from ..autotune.space import KernelKey
+    try:
+        kkey = KernelKey.parse(want)
+    except ValueError:
+        return []
+    return [n for n in entries if split_entry_key(n)["kernel_key"] == kkey]
+
+
 def cmd_show(args) -> int:
     cache = _cache()
     entries = _load(cache)
@@ -126,7 +141,7 @@ def cmd_show(args) -> int:
         name = want
     else:
         hits = [n for n in entries if short_id(n) == want.lower()] or \
-               [n for n in entries if want in n]
+               _kernel_key_hits(entries, want) or [n for n in entries if want in n]
         if not hits:
             raise CLIError(f"no entry matches {want!r} (see 'triton-rnn cache list')")
         if len(hits) > 1:

@@ -5,6 +5,10 @@ and lists what the static pruning keeps (``--verbose``: and why it dropped
 the others). With a GPU it then times the survivors, prints the chosen tile
 and its speedup over the heuristic default, and stores the result in the
 cache (``triton-rnn cache path``).
+
+``--proj P`` tunes an LSTM with a projection (``proj_size=P``, LSTMP): its
+tiles are cached under their own key (``lstm:forward:bfloat16:h1024p256:...``),
+which only LSTM modules with that projection size use.
 """
 
 from __future__ import annotations
@@ -18,6 +22,17 @@ from .inspect import parse_arch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+
+
+def _proj(text: str) -> int:
+    """argparse ``type=`` for ``--proj``: an integer >= 0 (0: no projection)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _config(text: str):
@@ -39,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cell", choices=CELLS, required=True, help="recurrent cell")
     p.add_argument("--hidden", type=positive_int, required=True, help="hidden size (exact key)")
+    p.add_argument("--proj", type=_proj, default=0, metavar="P",
+                   help="LSTM projection size (proj_size, 0 < P < hidden; exact key). "
+                        "Default 0: no projection")
     p.add_argument("--batch", type=positive_int, default=32,
                    help="batch size; the entry covers its power-of-two bucket (default 32)")
     p.add_argument("--seq-len", type=positive_int, default=64,
@@ -76,7 +94,16 @@ def _static_report_or_error():
         raise CLIError(str(e)) from None
 
 
+def _check_proj(args) -> None:
+    if args.proj and args.cell != "lstm":
+        raise CLIError(f"--proj is for --cell lstm only (torch.nn.LSTM's proj_size), "
+                       f"not {args.cell}")
+    if args.proj >= args.hidden:
+        raise CLIError(f"--proj must be smaller than --hidden ({args.hidden}), got {args.proj}")
+
+
 def run(args) -> int:
+    _check_proj(args)
     import torch
     have_gpu = torch.cuda.is_available()
     if not have_gpu and not args.static_only:
@@ -102,8 +129,8 @@ def run(args) -> int:
 
     passes = ["forward", "backward"] if args.backward else ["forward"]
     try:
-        keys = [KernelKey.for_shape(args.cell, p, args.dtype, args.hidden, args.batch, arch)
-                for p in passes]
+        keys = [KernelKey.for_shape(args.cell, p, args.dtype, args.hidden, args.batch, arch,
+                                    proj=args.proj) for p in passes]
     except ValueError as e:
         raise CLIError(str(e)) from None
     _static_report_or_error()

@@ -214,19 +214,19 @@ def select_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
                   proj: int = 0) -> KernelConfig:
     """The config the launcher uses: ``override``, else the tuned cache entry, else the default.
 
-    Tuned entries are keyed without a projection size, so an LSTM with ``proj``
-    takes the default rule.
+    An LSTM with ``proj`` looks up the entries tuned for that projection size only.
     """
     if override is not None:
         return override
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda" and not proj:
+    if device is not None and device.type == "cuda":
         try:
             from ..autotune import lookup_config
         except ImportError:  # autotuner not installed in this tree
             lookup_config = None
         if lookup_config is not None:
-            cfg = lookup_config(cell, pass_, dtype_name(_as_dtype(dtype)), hidden, batch, device)
+            cfg = lookup_config(cell, pass_, dtype_name(_as_dtype(dtype)), hidden, batch, device,
+                                proj=proj)
             if cfg is not None:
                 return cfg
     num_sms = 132
