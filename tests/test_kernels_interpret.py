@@ -122,7 +122,7 @@ def test_lstm_projection(poison_empty, tiling, packed):
 def test_lstm_projection_low_precision(poison_empty, dtype):
     """m_t and dh_t are stored in the storage dtype between the phases, as h and the gate
     gradients are: as accurate as torch's own LSTM with proj_size in that dtype."""
-    case = Case(kind="LSTM", input_size=8, hidden=16, proj=8, bidirectional=True, T=4, B=4)
+    case = Case(kind="LSTM", input_size=8, hidden=16, proj=8, T=4, B=4)
     compare_with_torch_low_precision(case, dtype=dtype, seed=9, kernel_options=_opts("split"))
 
 
