@@ -27,6 +27,13 @@ gradients of the later step, multiplies them by its on-chip columns of
 slice of the gate gradients. Weight and input gradients are computed outside,
 as large matrix products over the stored gate gradients.
 
+An LSTM projection (``proj_size = P``, ``HAS_PROJ``) adds a phase to every
+step, with its own barrier: the gates (``W_hh`` is ``[4H, P]``) write
+``m_t = o * tanh(c_t)``, then each program projects ``h_t = m_t W_hr^T`` for its
+``BLOCK_P`` of the ``P`` outputs from its on-chip rows of ``W_hr``. The
+backward first forms its slice of ``dh_t`` (``P`` wide), then ``dm_t = dh_t W_hr``
+and the cell's backward. Launches then count phases, not steps.
+
 Offsets that scale with ``T * B * H`` are computed in int64.
 """
 
