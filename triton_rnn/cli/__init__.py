@@ -29,15 +29,24 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type=`` for counts and sizes: an integer >= 1."""
+def _int_at_least(text: str, lowest: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts and sizes: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=`` for sizes where 0 means none (``--proj``): an integer >= 0."""
+    return _int_at_least(text, 0)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,22 +17,11 @@ import argparse
 import os
 import sys
 
-from . import CLIError, positive_int
+from . import CLIError, non_negative_int, positive_int
 from .inspect import parse_arch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
-
-
-def _proj(text: str) -> int:
-    """argparse ``type=`` for ``--proj``: an integer >= 0 (0: no projection)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _config(text: str):
@@ -54,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cell", choices=CELLS, required=True, help="recurrent cell")
     p.add_argument("--hidden", type=positive_int, required=True, help="hidden size (exact key)")
-    p.add_argument("--proj", type=_proj, default=0, metavar="P",
+    p.add_argument("--proj", type=non_negative_int, default=0, metavar="P",
                    help="LSTM projection size (proj_size, 0 < P < hidden; exact key). "
                         "Default 0: no projection")
     p.add_argument("--batch", type=positive_int, default=32,

@@ -60,7 +60,8 @@ def grid_barrier(counter_ptr, target):
 
 @triton.jit
 def _load_gate_tiles(ptrs, mask, stride, NUM_GATES: tl.constexpr):
-    """Load up to four gate tiles ``stride`` elements apart (unused slots alias tile 0)."""
+    """Load up to four gate tiles ``stride`` elements apart (unused slots alias tile 0):
+    weights, input projections, saved activations."""
     w0 = tl.load(ptrs, mask=mask, other=0.0)
     w1 = w0
     w2 = w0
@@ -511,16 +512,7 @@ def _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, 
                     tl.load(C0 + own, mask=own_m & ~sel, other=0.0).to(tl.float32))
                 c_new = tl.load(CSEQ + t64 * B * H + own, mask=own_m, other=0.0)
             sv = SAVED + (t64 * B + r64)[:, None] * SH + offs_n[None, :]
-            s0 = tl.load(sv, mask=own_m, other=0.0)
-            s1 = s0
-            s2 = s0
-            s3 = s0
-            if NUM_SAVED > 1:
-                s1 = tl.load(sv + H, mask=own_m, other=0.0)
-            if NUM_SAVED > 2:
-                s2 = tl.load(sv + 2 * H, mask=own_m, other=0.0)
-            if NUM_SAVED > 3:
-                s3 = tl.load(sv + 3 * H, mask=own_m, other=0.0)
+            s0, s1, s2, s3 = _load_gate_tiles(sv, own_m, H, NUM_SAVED)
 
             dx0, dx1, dx2, dx3, da0, da1, da2, da3, dh_prev, dc_prev = CELL_BWD(
                 dh, dc, s0, s1, s2, s3, h_prev, c_prev, c_new)
