@@ -374,10 +374,22 @@ def test_hostile_json_is_set_aside_not_raised(tmp_cache, kind):
     ({"block_h": "16", "block_b": 16}, "integer"),
     ({"block_h": 16}, "missing"),
     ([16, 16], "object"),
+    ({"block_h": 16, "block_b": 16, "block_k": 64, "resident_k": 100}, "multiple of 16"),
+    ({"block_h": 16, "block_b": 16, "block_k": 64, "resident_k": 2 ** 20}, "resident_k"),
+    ({"block_h": 16, "block_b": 16, "block_k": 64, "resident_k": -16}, "resident_k"),
 ])
 def test_config_from_untrusted_data_is_bounded_and_strict(config, why):
     with pytest.raises(ValueError, match=why):
         KernelConfig.from_dict(config)
+
+
+def test_partly_resident_configs_round_trip_and_old_entries_still_load():
+    cfg = KernelConfig(16, 16, 8, 1, block_k=128, resident_k=1536)
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert str(cfg).endswith("block_k=128 resident_k=1536")
+    # Entries written before resident_k existed lack the field: nothing kept on-chip.
+    old = {"block_h": 32, "block_b": 16, "num_warps": 8, "num_stages": 1, "block_k": 128}
+    assert KernelConfig.from_dict(old).resident_k == 0
 
 
 def test_bad_values_and_noncanonical_keys_are_refused(tmp_path, tmp_cache):

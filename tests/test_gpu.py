@@ -2,7 +2,7 @@
 
 Run by whoever has a GPU (``benchmarks/device_check.sh`` runs ``pytest -m gpu``):
 every cell against float64 torch.nn on the same GPU, the split-hidden barrier
-path in one persistent launch, the weight-streaming fallback, packed sequences,
+path in one persistent launch, partly and fully streamed weights, packed sequences,
 a long sequence, and a sequence longer than cuDNN's 65,535-step limit.
 """
 
@@ -182,9 +182,24 @@ def test_bidirectional_training_step_in_a_cuda_graph(how):
         torch.testing.assert_close(a, b, **GPU_TOL[torch.float32])
 
 
-def test_streamed_weights_hidden_2048():
-    case = Case(kind="GRU", input_size=256, hidden=2048, T=32, B=16)
-    compare(case, dtype=torch.bfloat16, device="cuda", seed=7, tolerances=(GPU_TOL, GPU_GRAD_TOL))
+@pytest.mark.parametrize("kind,hidden,dtype,config", [
+    ("LSTM", 2048, torch.bfloat16, None),  # default: 1536 of 2048 inputs on-chip
+    ("GRU", 2048, torch.float32, None),  # default: 1024 of 2048 on-chip
+    ("GRU", 1024, torch.bfloat16, KernelConfig(16, 16, 8, 1, block_k=64)),  # all streamed
+])
+def test_streamed_weights(kind, hidden, dtype, config):
+    """Slices beyond shared memory: the first K chunks on-chip, the rest streamed each step."""
+    from triton_rnn.kernels import launch
+
+    _no_fallback()
+    if config is None:
+        default = launch.default_config(kind.lower(), "forward", dtype, hidden, 16,
+                                        torch.cuda.get_device_properties(0).multi_processor_count)
+        assert default.block_k and default.resident_k, default
+    case = Case(kind=kind, input_size=256, hidden=hidden, T=32, B=16)
+    opts = None if config is None else {"config": config, "backward_config": config}
+    compare(case, dtype=dtype, device="cuda", seed=7, tolerances=(GPU_TOL, GPU_GRAD_TOL),
+            kernel_options=opts)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])

@@ -49,16 +49,36 @@ def test_cell_matches_torch_fp32(poison_empty, kind, nl, tiling):
     compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=3)
 
 
-@pytest.mark.parametrize("tiling", ["single", "split"])
+#: The first K chunk on-chip, the rest streamed two inputs at a time (with 4-input chunks).
+PARTLY_RESIDENT = KernelConfig(block_h=8, block_b=4, block_k=2, resident_k=4)
+
+
+@pytest.mark.parametrize("tiling", ["single", "split", "partly_resident"])
 @pytest.mark.parametrize("kind,proj", [("GRU", 0), ("LSTM", 0), ("LSTM", 6)])
 def test_resident_weights_in_k_chunks(monkeypatch, poison_empty, kind, proj, tiling):
     """Resident W_hh (and W_hr) tiles are kept in K chunks (256 inputs on a GPU); force
-    several here: with proj 6, W_hh's K is 6 (two chunks) and W_hr's is 10 (three)."""
+    several here: with proj 6, W_hh's K is 6 (two chunks) and W_hr's is 10 (three).
+    ``partly_resident`` keeps the first chunk of each on-chip and streams the rest."""
     from triton_rnn.kernels import launch
 
     monkeypatch.setattr(launch, "RESIDENT_K_CHUNK", 4)
     case = Case(kind=kind, input_size=6, hidden=10, proj=proj, bidirectional=True, T=4, B=3)
-    compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=12)
+    partly = tiling == "partly_resident"
+    opts = ({"config": PARTLY_RESIDENT, "backward_config": PARTLY_RESIDENT} if partly
+            else _opts(tiling))
+    seen = []
+    real_launch = launch._launch
+
+    def spy(kernel, plan, cfg, T, B, H, R, args, meta, *rest, **kw):
+        seen.append((meta["NUM_RES"], meta["NUM_KC"], meta["NUM_RES2"], meta["NUM_KC2"]))
+        return real_launch(kernel, plan, cfg, T, B, H, R, args, meta, *rest, **kw)
+
+    monkeypatch.setattr(launch, "_launch", spy)
+    compare(case, dtype=torch.float32, kernel_options=opts, seed=12)
+    assert seen
+    for res, num_kc, res2, num_kc2 in seen:
+        # Partly resident: one chunk on-chip, the others streamed; else all on-chip.
+        assert (res, res2) == ((1, 1) if partly else (num_kc, num_kc2)) and num_kc >= 2
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])

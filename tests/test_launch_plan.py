@@ -155,6 +155,42 @@ def test_default_slice_size_counts_chunk_padding_only():
     assert 4 * launch.padded_k(1536, gpu=True) * 16 * 2 <= launch.ONCHIP_WEIGHT_LIMIT
 
 
+@pytest.mark.parametrize("cell,dtype,hidden,block_h,resident_k", [
+    ("lstm", torch.bfloat16, 2048, 16, 1536),  # 6 of 8 chunks on-chip: 192 KB of 256
+    ("gru", torch.float32, 2048, 16, 1024),
+    ("lstm", torch.bfloat16, 4096, 32, 768),  # 16 slices per SM would be 256 programs
+    ("rnn_tanh", torch.bfloat16, 4096, 32, 3328)])
+def test_slices_beyond_shared_memory_keep_whole_chunks_on_chip(cell, dtype, hidden, block_h,
+                                                               resident_k):
+    """A slice over the on-chip limit keeps its first K chunks on-chip and streams the rest:
+    at most one slice per SM, and the resident chunks plus one streamed chunk within
+    RESIDENT_STREAM_LIMIT, which one more chunk would exceed."""
+    cfg = launch.default_config(cell, "forward", dtype, hidden, 32)
+    assert (cfg.block_h, cfg.resident_k) == (block_h, resident_k) and cfg.block_k > 0
+    assert hidden // block_h <= 132
+    gates = launch.CELL_SPECS[cell].gates
+    item = torch.empty((), dtype=dtype).element_size()
+    resident = gates * block_h * resident_k * item
+    streamed = gates * block_h * cfg.block_k * item
+    assert streamed <= launch.PARTLY_RESIDENT_STREAM_CHUNK[item]
+    assert resident + streamed <= launch.RESIDENT_STREAM_LIMIT
+    chunk = gates * block_h * 256 * item
+    assert resident + chunk + streamed > launch.RESIDENT_STREAM_LIMIT
+    # Both passes hold the same chunks; a projection streams all of its slice.
+    assert launch.default_config(cell, "backward", dtype, hidden, 32) == cfg
+    assert launch.resident_chunks(hidden, cfg.block_k, cfg.resident_k, gpu=True) == \
+        resident_k // 256
+    assert launch.resident_chunks(hidden, 0, 0, gpu=True) == launch.k_tiling(hidden, True)[1]
+    big_proj = launch.default_config("lstm", "forward", torch.float16, 4096, 32, proj=1024)
+    assert big_proj.block_k > 0 and big_proj.resident_k == 0
+
+
+def test_one_slice_per_sm_before_streaming():
+    """RNN 3072 bf16: 16-unit slices would be 192 programs; 32-unit ones (192 KB) fit."""
+    cfg = launch.default_config("rnn_tanh", "forward", torch.bfloat16, 3072, 32)
+    assert (cfg.block_h, cfg.block_k) == (32, 0)
+
+
 def test_occupancy_is_read_once_per_compiled_variant(gpu_props):
     """The second call with the same variant skips the host-side compile lookup."""
     k = FakeKernel(n_regs=128, shared=100_000)

@@ -47,7 +47,9 @@ key's projection, fits a block's shared memory, nearest to the default's), two o
 three ``block_b`` values (the default's, 32 or 16 beside it, and 64 for batch
 buckets of 64 and more), ``num_warps`` in {4, 8}, ``num_stages=1`` and, when
 the default streams ``W_hh`` (``block_k > 0``), ``block_k`` at the default's
-value, half and double it; ordered by closeness to the default. For
+value, half and double it, each keeping on-chip what the default rule would
+(``resident_k``, :func:`~triton_rnn.kernels.launch.default_resident_k`), and
+the default with nothing kept on-chip; ordered by closeness to the default. For
 ``hidden >= 512`` with a persistent default, a few weight-streaming tiles
 (``block_k=128``) are added at the end, so the tuner can compare persistence
 against streaming. The default config is always a candidate.
@@ -64,7 +66,7 @@ would keep.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, List, Optional
 
 from ..functional import CELLS, GATES
@@ -230,6 +232,7 @@ def _preference_order(key: KernelKey, base: KernelConfig,
     def dist(c: KernelConfig):
         k, bk = c.block_k, base.block_k
         k_dist = 0.0 if k == bk else (3.0 if (k == 0) != (bk == 0) else abs(_log2(k) - _log2(bk)))
+        k_dist += 0.0 if c.resident_k == base.resident_k else 1.0
         return (abs(_log2(c.block_h) - _log2(base.block_h)) * 4
                 + abs(_log2(c.block_b) - _log2(base.block_b)) * 2
                 + abs(_log2(c.num_warps) - _log2(base.num_warps))
@@ -239,7 +242,7 @@ def _preference_order(key: KernelKey, base: KernelConfig,
 
 
 def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
-    from ..kernels.launch import weight_slice_bytes
+    from ..kernels.launch import default_resident_k, weight_slice_bytes
 
     top = max(16, _next_pow2(key.hidden))
     _, max_smem = arch_info(key.arch)
@@ -268,7 +271,12 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
         for bb in bbs:
             for w in (4, 8):
                 for k in ks:
-                    out.append(KernelConfig(bh, bb, w, 1, k) if k else KernelConfig(bh, bb, w, 1))
+                    # A streaming tile keeps what the default rule would keep on-chip.
+                    rk = 0 if not k or key.proj else default_resident_k(
+                        key.cell, key.hidden, bh, k, key.elem_bytes)
+                    out.append(KernelConfig(bh, bb, w, 1, k, rk))
+    if base.resident_k:  # and the default with all of its slice streamed
+        out.append(replace(base, resident_k=0))
     return out
 
 

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=1)
     p.add_argument("--block-k", type=int, default=0, help="stream W_hh in K chunks (0: on-chip)")
+    p.add_argument("--resident-k", type=int, default=0,
+                   help="with --block-k: inputs of the slice kept on-chip (0: stream it all)")
     p.set_defaults(func=run)
 
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             config = KernelConfig.from_dict(dict(
                 block_h=args.block_h, block_b=args.block_b, num_warps=args.num_warps,
-                num_stages=args.num_stages, block_k=args.block_k))
+                num_stages=args.num_stages, block_k=args.block_k, resident_k=args.resident_k))
         except ValueError as e:
             raise CLIError(str(e)) from None
     try:

@@ -22,15 +22,16 @@ from .inspect import parse_arch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+CONFIG_METAVAR = "BH,BB,WARPS[,STAGES[,BLOCK_K[,RESIDENT_K]]]"
 
 
 def _config(text: str):
     from ..kernels.config import KernelConfig
     parts = text.split(",")
-    names = ("block_h", "block_b", "num_warps", "num_stages", "block_k")
-    if not 3 <= len(parts) <= 5:
+    names = ("block_h", "block_b", "num_warps", "num_stages", "block_k", "resident_k")
+    if not 3 <= len(parts) <= 6:
         raise argparse.ArgumentTypeError(
-            f"expected BLOCK_H,BLOCK_B,NUM_WARPS[,NUM_STAGES[,BLOCK_K]], got {text!r}")
+            f"expected {CONFIG_METAVAR}, got {text!r}")
     try:
         return KernelConfig.from_dict(dict(zip(names, (int(p) for p in parts))))
     except ValueError as e:
@@ -57,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also tune the backward kernel (times forward+backward)")
     p.add_argument("--arch", type=parse_arch, default=None,
                    help="CUDA architecture, e.g. sm_90 or 90 (default: the GPU's, else sm_90)")
-    p.add_argument("--config", type=_config, action="append", metavar="BH,BB,WARPS[,STAGES[,BLOCK_K]]",
+    p.add_argument("--config", type=_config, action="append", metavar=CONFIG_METAVAR,
                    help="try only this tile (repeatable) instead of the built-in candidates")
     p.add_argument("--static-only", action="store_true",
                    help="compile and prune only (no GPU needed); stores nothing")

@@ -14,6 +14,7 @@ FIELD_LIMITS = {
     "num_warps": (1, 32),
     "num_stages": (1, 8),
     "block_k": (1, 8192),
+    "resident_k": (16, 65536),
 }
 
 
@@ -29,7 +30,12 @@ class KernelConfig:
     * ``block_k``: 0 keeps the program's ``W_hh`` slice on-chip for the whole
       sequence (persistent weights). A power of two streams the slice from
       global memory (L2) in chunks of ``block_k`` inputs at every step: the
-      fallback for slices beyond on-chip capacity (e.g. GRU hidden 2048 bf16).
+      fallback for slices beyond on-chip capacity (e.g. GRU hidden 2048 fp32).
+    * ``resident_k``: with ``block_k > 0``, the first ``resident_k`` inputs of the
+      slice (rounded down to whole K chunks of the kernel, 256 inputs from hidden
+      256 up) stay on-chip and only the rest is streamed at every step; 0 streams
+      it all. This is how a slice too large for one block's shared memory still
+      keeps most of its weights on-chip (e.g. LSTM hidden 2048 bf16).
     """
 
     block_h: int
@@ -37,6 +43,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 1
     block_k: int = 0
+    resident_k: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,8 +53,9 @@ class KernelConfig:
         """Build and check a config from untrusted data (a cache file, the command line).
 
         Fields must be JSON integers (not booleans, floats or strings) within
-        :data:`FIELD_LIMITS`: powers of two, except ``num_stages``; ``block_k``
-        may also be 0. Raises ``ValueError`` naming the field otherwise.
+        :data:`FIELD_LIMITS`: powers of two, except ``num_stages`` and
+        ``resident_k`` (a multiple of 16); ``block_k`` and ``resident_k`` may also
+        be 0. Raises ``ValueError`` naming the field otherwise.
         """
         if not isinstance(d, dict):
             raise ValueError(f"a KernelConfig must be an object, got {type(d).__name__}")
@@ -62,14 +70,20 @@ class KernelConfig:
             if type(v) is not int:
                 raise ValueError(f"KernelConfig.{name} must be an integer, got {v!r}")
             lo, hi = FIELD_LIMITS[name]
-            if name == "block_k" and v == 0:
+            if name in ("block_k", "resident_k") and v == 0:
                 continue
-            if not lo <= v <= hi or (name != "num_stages" and v & (v - 1)):
-                kind = "an integer" if name == "num_stages" else "a power of two"
+            if name == "resident_k":
+                bad, kind = v % 16 != 0, "a multiple of 16"
+            elif name == "num_stages":
+                bad, kind = False, "an integer"
+            else:
+                bad, kind = bool(v & (v - 1)), "a power of two"
+            if bad or not lo <= v <= hi:
                 raise ValueError(f"KernelConfig.{name} must be {kind} in [{lo}, {hi}], got {v}")
         return cls(**d)
 
     def __str__(self) -> str:
         return (f"block_h={self.block_h} block_b={self.block_b} "
                 f"num_warps={self.num_warps} num_stages={self.num_stages}"
-                + (f" block_k={self.block_k}" if self.block_k else ""))
+                + (f" block_k={self.block_k}" if self.block_k else "")
+                + (f" resident_k={self.resident_k}" if self.resident_k else ""))

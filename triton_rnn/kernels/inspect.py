@@ -7,7 +7,10 @@ the triton wheel reads registers, shared and local (spill) memory and SASS.
 * ``registers``, ``shared_bytes``, ``local_bytes`` (> 0 means spills);
 * ``weights_loaded_in_loop``: whether any global load inside a PTX loop reads
   an address derived from the ``W_hh`` argument, or ``W_hr`` with an LSTM
-  projection (it must be False: the weights are loaded once, before the time loop);
+  projection (it must be False for a persistent tile: the weights are loaded
+  once, before the time loop);
+* ``weights_on_chip``: the fraction of the program's ``W_hh`` slice kept on-chip
+  (1.0 unless the tile streams, ``block_k > 0``; see ``resident_k``);
 * ``tensor_cores``: whether the SASS has ``HMMA``/``HGMMA`` instructions;
 * ``grid``, ``blocks_per_sm``, ``max_programs``, ``co_resident``: the
   occupancy estimate that bounds a barrier-synchronised grid.
@@ -65,7 +68,7 @@ def _tool(name: str) -> str:
 def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int,
                proj: int = 0):
     from .cells import CELL_SPECS
-    from .launch import _plan, k_tiling
+    from .launch import _plan, k_tiling, resident_chunks
 
     spec = CELL_SPECS[cell]
     st = "*" + _TRITON_TYPES[dtype]
@@ -87,7 +90,11 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
         k1, k2 = hidden, rec
     kc, num_kc = k_tiling(k1, gpu=True)
     kc2, num_kc2 = k_tiling(k2, gpu=True)
-    consts.update(KC=kc, NUM_KC=num_kc, KC2=kc2, NUM_KC2=num_kc2, BLOCK_H=block_h,
+    consts.update(KC=kc, NUM_KC=num_kc,
+                  NUM_RES=resident_chunks(k1, plan.block_k, plan.resident_k, gpu=True), KC2=kc2,
+                  NUM_KC2=num_kc2,
+                  NUM_RES2=resident_chunks(k2, plan.block_k, plan.resident_k, gpu=True),
+                  BLOCK_H=block_h,
                   BLOCK_P=plan.block_p, BLOCK_B=block_b, BLOCK_K=plan.block_k,
                   REVERSE=False, VARLEN=False, USE_BARRIER=split,
                   DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
@@ -200,7 +207,7 @@ def _binary_facts(cell, pass_, dtype, hidden, config, arch, proj=0) -> dict:
 def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) -> dict:
     import triton
 
-    from .launch import default_config, programs_per_sm
+    from .launch import default_config, k_tiling, programs_per_sm, resident_chunks
 
     if config is None:
         config = default_config(cell, pass_, dtype, hidden, batch, arch_limits(arch)["num_sms"],
@@ -213,6 +220,9 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) 
     if shared > lim["max_smem_block"]:
         per_sm = 0
     max_programs = per_sm * lim["num_sms"]
+    k = hidden if pass_ == "backward" else (proj or hidden)  # W_hh's K in this pass
+    on_chip = (resident_chunks(k, config.block_k, config.resident_k, gpu=True)
+               / k_tiling(k, gpu=True)[1])
     batch_tiles = triton.cdiv(max(batch, 1), info["block_b"])
     # A split hidden dimension needs all its blocks resident (grid barrier); batch
     # tiles beyond what fits are looped over inside the programs.
@@ -228,7 +238,7 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) 
         max_programs=max_programs, num_sms=lim["num_sms"],
         max_shared_bytes=lim["max_smem_block"],
         co_resident=info["grid_h"] <= max_programs,
-        weights_loaded_in_loop=info["weights_loaded_in_loop"],
+        weights_loaded_in_loop=info["weights_loaded_in_loop"], weights_on_chip=on_chip,
         tensor_cores=info["tensor_cores"],
         local_memory_instructions=info["local_memory_instructions"],
     )

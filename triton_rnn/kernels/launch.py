@@ -60,6 +60,16 @@ ONCHIP_WEIGHT_TARGET = 96 * 1024
 RESIDENT_K_CHUNK = 256
 #: Largest streamed weight chunk (all gates, ``block_k`` inputs) of the default configs.
 STREAM_CHUNK_LIMIT = 48 * 1024
+#: When a slice streams, the default keeps as many whole K chunks of it on-chip as fit
+#: in this budget together with one streamed chunk; the rest of the 227 KB goes to the
+#: streamed ``h`` tile (4 KB at ``block_b=16``). Checked on sm_90: LSTM hidden 2048
+#: bf16 keeps 1536 of 2048 inputs on-chip in 217,088 B of shared memory.
+RESIDENT_STREAM_LIMIT = 216 * 1024
+#: Largest streamed chunk beside resident chunks, by element size. Found by compiling
+#: for sm_90 (Triton 3.9): GRU hidden 2048 fp32 kept 16 B on the stack with 24 KB
+#: chunks (none with 12 KB), LSTM 3072 fp32 8 B with 32 KB; GRU 3072 bf16 none with
+#: 24 KB, but 32 B with 12 KB (ptxas capped it at 128 registers).
+PARTLY_RESIDENT_STREAM_CHUNK = {2: 24 * 1024, 4: 16 * 1024}
 #: Largest value of a grid barrier's int32 arrival counter: one persistent launch
 #: runs at most this many steps x hidden blocks (more take several launches).
 BARRIER_COUNT_LIMIT = 2**31 - 1
@@ -116,6 +126,14 @@ def k_tiling(hidden: int, gpu: Optional[bool] = None) -> tuple:
     return kc, triton.cdiv(hidden, kc)
 
 
+def resident_chunks(k: int, block_k: int, resident_k: int, gpu: Optional[bool] = None) -> int:
+    """How many of the :func:`k_tiling` chunks of a weight with ``k`` inputs stay on-chip:
+    all of them when nothing streams (``block_k == 0``), else the whole chunks within
+    the first ``resident_k`` inputs."""
+    kc, num_kc = k_tiling(k, gpu)
+    return num_kc if not block_k else min(resident_k // kc, num_kc)
+
+
 def padded_k(hidden: int, gpu: Optional[bool] = None) -> int:
     """Hidden size padded to whole K chunks: the K extent of the on-chip weight slice."""
     kc, n = k_tiling(hidden, gpu)
@@ -156,11 +174,16 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     :data:`ONCHIP_WEIGHT_TARGET`; 16, or 8 when a 16-unit slice exceeds
     :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 1024 in fp32), if none does.
     When even that slice exceeds the limit, or the slices outnumber the SMs
-    (one resident program per SM: LSTM hidden 2048 in bf16, GRU hidden 2048 in
-    fp32), the weights are streamed from L2 every step instead (``block_h=32``,
-    ``block_k=128``, or 64 when a 128-input chunk of all gates would exceed
-    :data:`STREAM_CHUNK_LIMIT`: LSTM in fp32): still one launch, but not
-    weight-persistent. ``block_b`` is 16 whatever the batch (programs loop over
+    (one resident program per SM), ``block_h`` doubles until they do not; if the
+    slice then exceeds the limit (LSTM hidden 2048 in bf16, GRU hidden 2048 in
+    fp32), part of each slice is streamed from L2 every step instead:
+    ``resident_k`` keeps the first inputs of the slice on-chip
+    (:func:`default_resident_k`), and the rest streams in chunks of ``block_k``
+    inputs: 128, halved (down to 32) while a chunk of all gates exceeds
+    :data:`PARTLY_RESIDENT_STREAM_CHUNK`. LSTM hidden 2048 bf16 streams a quarter
+    of ``W_hh`` per step, GRU hidden 2048 fp32 half. With a projection it all
+    streams, in chunks up to :data:`STREAM_CHUNK_LIMIT`.
+    ``block_b`` is 16 whatever the batch (programs loop over
     batch tiles), so the default never depends on the batch size.
     ``num_warps``: 4 for the one-gate RNN; 8 for GRU and LSTM from hidden 1024
     up, in fp32, or when a program owns 256 or more gate columns
@@ -183,16 +206,21 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     def size(bh):
         return weight_slice_bytes(cell, hidden, bh, itemsize, proj)
 
-    block_k = 0
+    block_k = resident_k = 0
     if size(hp) <= SINGLE_PROGRAM_BUDGET and spec.gates * hp <= MAX_SINGLE_PROGRAM_COLUMNS:
         block_h = hp
     else:
         block_h = 16 if size(16) <= ONCHIP_WEIGHT_LIMIT else MIN_BLOCK_H
-        if size(block_h) > ONCHIP_WEIGHT_LIMIT or triton.cdiv(hidden, block_h) > num_sms:
-            # Beyond on-chip capacity (one slice per SM): stream W_hh from L2.
-            block_h, block_k = 32, 128
-            if spec.gates * block_h * block_k * itemsize > STREAM_CHUNK_LIMIT:
-                block_k = 64
+        while triton.cdiv(hidden, block_h) > num_sms and block_h < hp:
+            block_h *= 2  # at most one slice per SM
+        if size(block_h) > ONCHIP_WEIGHT_LIMIT:
+            # Beyond on-chip capacity: stream part of W_hh from L2 at every step.
+            block_k = 128
+            limit = STREAM_CHUNK_LIMIT if proj else PARTLY_RESIDENT_STREAM_CHUNK[itemsize]
+            while block_k > 32 and spec.gates * block_h * block_k * itemsize > limit:
+                block_k //= 2
+            if not proj:
+                resident_k = default_resident_k(cell, hidden, block_h, block_k, itemsize)
         else:
             while block_h * 2 <= hp and size(block_h * 2) <= ONCHIP_WEIGHT_TARGET and (
                     not proj or spec.gates * block_h * 2 <= MAX_PROJ_GATE_COLUMNS):
@@ -202,7 +230,17 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     big = hp >= 1024 or itemsize == 4 or spec.gates * block_h >= 256
     num_warps = 8 if spec.gates > 1 and big else 4
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
-                        block_k=block_k)
+                        block_k=block_k, resident_k=resident_k)
+
+
+def default_resident_k(cell: str, hidden: int, block_h: int, block_k: int, itemsize: int) -> int:
+    """Inputs of a streamed ``W_hh`` slice the default keeps on-chip: the most whole K
+    chunks (:func:`k_tiling`) that fit :data:`RESIDENT_STREAM_LIMIT` beside one streamed
+    chunk of ``block_k`` inputs; 0 when none does."""
+    gates = CELL_SPECS[cell].gates
+    kc, num_kc = k_tiling(hidden, gpu=True)
+    room = RESIDENT_STREAM_LIMIT - gates * block_k * block_h * itemsize
+    return kc * max(0, min(num_kc - 1, room // (gates * kc * block_h * itemsize)))
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -272,6 +310,7 @@ class _Plan:
     block_h: int
     block_b: int
     block_k: int
+    resident_k: int
     persistent: bool
     use_barrier: bool
     block_p: int = 1
@@ -331,7 +370,7 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
     tiles = triton.cdiv(batch, block_b)
     stepwise = mode == "stepwise" or (grid_h > 1 and not gpu)
     return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b, block_k=block_k,
-                 persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1),
+                 resident_k=cfg.resident_k if block_k else 0, persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1),
                  block_p=block_p_for(proj or hidden, hidden, block_h, gpu))
 
 
@@ -519,7 +558,9 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, HAS_PROJ=bool(proj), KC=kc,
-        NUM_KC=num_kc, KC2=kc2, NUM_KC2=num_kc2, BLOCK_H=plan.block_h, BLOCK_P=plan.block_p,
+        NUM_KC=num_kc, NUM_RES=resident_chunks(R, plan.block_k, plan.resident_k), KC2=kc2,
+        NUM_KC2=num_kc2, NUM_RES2=resident_chunks(H, plan.block_k, plan.resident_k),
+        BLOCK_H=plan.block_h, BLOCK_P=plan.block_p,
         BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
     if pad_rows is not None:
@@ -574,8 +615,10 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
             batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
-        SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj), KC=kc, NUM_KC=num_kc, KC2=kc2,
-        NUM_KC2=num_kc2, BLOCK_H=plan.block_h, BLOCK_P=plan.block_p, BLOCK_B=plan.block_b,
+        SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj), KC=kc, NUM_KC=num_kc,
+        NUM_RES=resident_chunks(H, plan.block_k, plan.resident_k), KC2=kc2, NUM_KC2=num_kc2,
+        NUM_RES2=resident_chunks(R, plan.block_k, plan.resident_k), BLOCK_H=plan.block_h,
+        BLOCK_P=plan.block_p, BLOCK_B=plan.block_b,
         BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward", pair)
     return dgh, dxn, dhst, (dcst if spec.has_c else None), dhseq

@@ -97,27 +97,25 @@ def _weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT: tl.constexpr):
 
 @triton.jit
 def _resident_weights(W, offs_n, n_mask, K, ROW, GSTRIDE, BY_UNIT: tl.constexpr,
-                      NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """The program's weight slice (``K`` inputs, its ``N`` columns), loaded once before the loop.
-
-    One tuple per gate of ``NUM_KC`` tiles ``[KC, N]`` (K in chunks, so each
-    step's dots keep small register operands); empty tuples when streamed.
+                      NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_RES: tl.constexpr):
+    """The on-chip part of the program's weight slice (its ``N`` columns), loaded once
+    before the loop: one tuple per gate of ``NUM_RES`` tiles ``[KC, N]``, the first
+    ``NUM_RES * KC`` inputs (K in chunks, so each step's dots keep small register
+    operands). The remaining inputs, if any, are streamed at every step.
     """
     w0 = ()
     w1 = ()
     w2 = ()
     w3 = ()
-    if BLOCK_K == 0:
-        for c in tl.static_range(NUM_KC):
-            offs_k = c * KC + tl.arange(0, KC)
-            t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT),
-                                              (offs_k < K)[:, None] & n_mask[None, :],
-                                              GSTRIDE, NUM_GATES)
-            w0 = w0 + (t0,)
-            w1 = w1 + (t1,)
-            w2 = w2 + (t2,)
-            w3 = w3 + (t3,)
+    for c in tl.static_range(NUM_RES):
+        offs_k = c * KC + tl.arange(0, KC)
+        t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT),
+                                          (offs_k < K)[:, None] & n_mask[None, :],
+                                          GSTRIDE, NUM_GATES)
+        w0 = w0 + (t0,)
+        w1 = w1 + (t1,)
+        w2 = w2 + (t2,)
+        w3 = w3 + (t3,)
     return w0, w1, w2, w3
 
 
@@ -136,86 +134,87 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
                      B, K, GSTRIDE, NUM_GATES: tl.constexpr, KC: tl.constexpr,
-                     NUM_KC: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """``v @ W_g^T`` for the program's columns, ``v`` the ``[BLOCK_B, K]`` rows of ``SRC[slot]``.
 
     The recurrent pre-activations ``h_{t-1} @ W_hh_g^T`` (``SRC = HBUF``, where h0
     sits in an extra slot, so one load per chunk serves every row), and the LSTM
-    projection ``m_t @ W_hr^T``. On-chip weights, or streamed in K chunks.
+    projection ``m_t @ W_hr^T``. The first ``NUM_RES`` K chunks from the on-chip
+    weights, the rest (``BLOCK_K > 0``) streamed in chunks of ``BLOCK_K`` inputs.
     """
     a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
     row = SRC + slot64 * B * K + r64[:, None] * K
-    if BLOCK_K == 0:
-        for c in tl.static_range(NUM_KC):
-            offs_k = c * KC + tl.arange(0, KC)
-            h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :],
+    for c in tl.static_range(NUM_RES):
+        offs_k = c * KC + tl.arange(0, KC)
+        h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :],
+                    other=0.0, cache_modifier=".cg")
+        a0 = _dot(h, w0[c], a0, DOT_PRECISION)
+        if NUM_GATES > 1:
+            a1 = _dot(h, w1[c], a1, DOT_PRECISION)
+        if NUM_GATES > 2:
+            a2 = _dot(h, w2[c], a2, DOT_PRECISION)
+        if NUM_GATES > 3:
+            a3 = _dot(h, w3[c], a3, DOT_PRECISION)
+    if BLOCK_K > 0:
+        for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
+            offs_s = k0 + tl.arange(0, BLOCK_K)
+            s_mask = offs_s < K
+            hs = tl.load(row + offs_s[None, :], mask=rows_ok[:, None] & s_mask[None, :],
                         other=0.0, cache_modifier=".cg")
-            a0 = _dot(h, w0[c], a0, DOT_PRECISION)
-            if NUM_GATES > 1:
-                a1 = _dot(h, w1[c], a1, DOT_PRECISION)
-            if NUM_GATES > 2:
-                a2 = _dot(h, w2[c], a2, DOT_PRECISION)
-            if NUM_GATES > 3:
-                a3 = _dot(h, w3[c], a3, DOT_PRECISION)
-    else:
-        for k0 in range(0, NUM_KC * KC, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & k_mask[None, :],
-                        other=0.0, cache_modifier=".cg")
-            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, K, True),
-                                              k_mask[:, None] & n_mask[None, :], GSTRIDE,
+            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_s, offs_n, K, True),
+                                              s_mask[:, None] & n_mask[None, :], GSTRIDE,
                                               NUM_GATES)
-            a0 = _dot(h, v0, a0, DOT_PRECISION)
+            a0 = _dot(hs, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
-                a1 = _dot(h, v1, a1, DOT_PRECISION)
+                a1 = _dot(hs, v1, a1, DOT_PRECISION)
             if NUM_GATES > 2:
-                a2 = _dot(h, v2, a2, DOT_PRECISION)
+                a2 = _dot(hs, v2, a2, DOT_PRECISION)
             if NUM_GATES > 3:
-                a3 = _dot(h, v3, a3, DOT_PRECISION)
+                a3 = _dot(hs, v3, a3, DOT_PRECISION)
     return a0, a1, a2, a3
 
 
 @triton.jit
 def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B, K, ROW,
                  GSTRIDE, NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 NUM_RES: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``sum_g SRC_g[slot] @ W_g[:, columns]``, ``SRC`` rows of ``NUM_GATES * K``.
 
     The recurrent part of ``dh_t``: the later step's gate gradients times
     ``W_hh`` (``K = H``); with an LSTM projection also ``dm_t = dh_t @ W_hr``.
+    K chunks as in :func:`_forward_preacts`.
     """
     acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     row = SRC + (slot64 * B + r64)[:, None] * (NUM_GATES * K)
-    if BLOCK_K == 0:
-        for c in tl.static_range(NUM_KC):
-            offs_k = c * KC + tl.arange(0, KC)
-            m = rows_ok[:, None] & (offs_k < K)[None, :]
-            dg = row + offs_k[None, :]
-            # One gate at a time keeps a single gradient tile live.
-            acc = _dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0[c], acc,
+    for c in tl.static_range(NUM_RES):
+        offs_k = c * KC + tl.arange(0, KC)
+        m = rows_ok[:, None] & (offs_k < K)[None, :]
+        dg = row + offs_k[None, :]
+        # One gate at a time keeps a single gradient tile live.
+        acc = _dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0[c], acc,
+                   DOT_PRECISION)
+        if NUM_GATES > 1:
+            acc = _dot(tl.load(dg + K, mask=m, other=0.0, cache_modifier=".cg"), w1[c], acc,
                        DOT_PRECISION)
-            if NUM_GATES > 1:
-                acc = _dot(tl.load(dg + K, mask=m, other=0.0, cache_modifier=".cg"), w1[c], acc,
-                           DOT_PRECISION)
-            if NUM_GATES > 2:
-                acc = _dot(tl.load(dg + 2 * K, mask=m, other=0.0, cache_modifier=".cg"), w2[c],
-                           acc, DOT_PRECISION)
-            if NUM_GATES > 3:
-                acc = _dot(tl.load(dg + 3 * K, mask=m, other=0.0, cache_modifier=".cg"), w3[c],
-                           acc, DOT_PRECISION)
-    else:
-        for k0 in range(0, NUM_KC * KC, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            m = rows_ok[:, None] & k_mask[None, :]
-            wp = _weight_ptrs(W, offs_k, offs_n, ROW, False)
-            wm = k_mask[:, None] & n_mask[None, :]
+        if NUM_GATES > 2:
+            acc = _dot(tl.load(dg + 2 * K, mask=m, other=0.0, cache_modifier=".cg"), w2[c],
+                       acc, DOT_PRECISION)
+        if NUM_GATES > 3:
+            acc = _dot(tl.load(dg + 3 * K, mask=m, other=0.0, cache_modifier=".cg"), w3[c],
+                       acc, DOT_PRECISION)
+    if BLOCK_K > 0:
+        for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
+            offs_s = k0 + tl.arange(0, BLOCK_K)
+            s_mask = offs_s < K
+            ms = rows_ok[:, None] & s_mask[None, :]
+            wp = _weight_ptrs(W, offs_s, offs_n, ROW, False)
+            wm = s_mask[:, None] & n_mask[None, :]
             for g in tl.static_range(NUM_GATES):
-                acc = _dot(tl.load(row + g * K + offs_k[None, :], mask=m, other=0.0,
+                acc = _dot(tl.load(row + g * K + offs_s[None, :], mask=ms, other=0.0,
                                    cache_modifier=".cg"),
                            tl.load(wp + g * GSTRIDE, mask=wm, other=0.0), acc,
                            DOT_PRECISION)
@@ -256,8 +255,9 @@ def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES
                    w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, step, T, B, H, R,
                    CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
                    HAS_C: tl.constexpr, HAS_PROJ: tl.constexpr, KC: tl.constexpr,
-                   NUM_KC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                   REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """One step's gates for the program's hidden units, every batch tile it owns."""
     GH = NUM_GATES * H
     SH = NUM_SAVED * H
@@ -277,7 +277,7 @@ def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES
             a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, rows < B,
                                               offs_n, n_mask, w0, w1, w2, w3, B, R,
                                               _gate_stride(H, R), NUM_GATES, KC, NUM_KC,
-                                              BLOCK_K, DOT_PRECISION)
+                                              NUM_RES, BLOCK_K, DOT_PRECISION)
 
             own = r64[:, None] * H + offs_n[None, :]
             own_m = live[:, None] & n_mask[None, :]
@@ -321,8 +321,8 @@ def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES
 @triton.jit
 def _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b, step, BATCH_SIZES,
                      T, B, H, R, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, REVERSE: tl.constexpr,
-                     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     NUM_RES2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                     REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """LSTM projection of one step: ``h_t = m_t @ W_hr^T`` for the program's slice of ``h``."""
     t = _step_index(step, T, REVERSE)
     n_live = _active_rows(BATCH_SIZES, t, step >= 0, B, T, VARLEN)
@@ -333,7 +333,8 @@ def _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b, step, 
             r64 = rows.to(tl.int64)
             live = rows < n_live
             h, _, _, _ = _forward_preacts(MBUF, WR, t64, r64, live, offs_p, p_mask, wr, wr, wr,
-                                          wr, B, H, 0, 1, KC2, NUM_KC2, BLOCK_K, DOT_PRECISION)
+                                          wr, B, H, 0, 1, KC2, NUM_KC2, NUM_RES2, BLOCK_K,
+                                          DOT_PRECISION)
             tl.store(HBUF + _slot(t, REVERSE) * B * R + r64[:, None] * R + offs_p[None, :],
                      h.to(HBUF.dtype.element_ty), mask=live[:, None] & p_mask[None, :])
 
@@ -344,8 +345,9 @@ def rnn_forward_kernel(
     T, B, H, R, t_begin, n_steps,
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr,
-    KC: tl.constexpr, NUM_KC: tl.constexpr, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    KC: tl.constexpr, NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, KC2: tl.constexpr,
+    NUM_KC2: tl.constexpr, NUM_RES2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -377,15 +379,14 @@ def rnn_forward_kernel(
     offs_n = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     n_mask = offs_n < H
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
-    # Loaded once, before the time loop (unless streamed: BLOCK_K > 0).
+    # Loaded once, before the time loop (the first NUM_RES K chunks; the rest streams).
     w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, R, R, _gate_stride(H, R), True,
-                                       NUM_GATES, KC, NUM_KC, BLOCK_K)
+                                       NUM_GATES, KC, NUM_RES)
     offs_p = pid_h * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = offs_p < R
     wr = ()
     if HAS_PROJ:  # W_hr^T for our outputs: WR[p, k] at (k, p)
-        wr, _, _, _ = _resident_weights(WR, offs_p, p_mask, H, H, 0, True, 1, KC2, NUM_KC2,
-                                        BLOCK_K)
+        wr, _, _, _ = _resident_weights(WR, offs_p, p_mask, H, H, 0, True, 1, KC2, NUM_RES2)
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -397,16 +398,17 @@ def rnn_forward_kernel(
                 _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
                                w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, phase // 2,
                                T, B, H, R, CELL_FWD, NUM_GATES, NUM_SAVED, HAS_C, HAS_PROJ, KC,
-                               NUM_KC, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                               NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, REVERSE, VARLEN,
+                               DOT_PRECISION)
             else:
                 _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b,
-                                 phase // 2, BATCH_SIZES, T, B, H, R, KC2, NUM_KC2, BLOCK_B,
-                                 BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                                 phase // 2, BATCH_SIZES, T, B, H, R, KC2, NUM_KC2, NUM_RES2,
+                                 BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
         else:
             _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
                            w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, phase,
                            T, B, H, R, CELL_FWD, NUM_GATES, NUM_SAVED, HAS_C, HAS_PROJ, KC,
-                           NUM_KC, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                           NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
         tl.debug_barrier()
         if USE_BARRIER:
             grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
@@ -415,7 +417,8 @@ def rnn_forward_kernel(
 @triton.jit
 def _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, offs_p, p_mask,
                       pid_b, n_prog_b, bstep, T, B, H, R, NUM_GATES: tl.constexpr,
-                      KC: tl.constexpr, NUM_KC: tl.constexpr, BLOCK_B: tl.constexpr,
+                      KC: tl.constexpr, NUM_KC: tl.constexpr, NUM_RES: tl.constexpr,
+                      BLOCK_B: tl.constexpr,
                       BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     """LSTM projection, backward: the program's slice of ``dh_t`` (``P`` wide) into ``DHSEQ``.
@@ -436,8 +439,8 @@ def _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, off
             live = rows < n_live
             to_next = rows < n_next
             dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_p, p_mask, w0, w1, w2, w3, B,
-                                  H, R, _gate_stride(H, R), NUM_GATES, KC, NUM_KC, BLOCK_K,
-                                  DOT_PRECISION)
+                                  H, R, _gate_stride(H, R), NUM_GATES, KC, NUM_KC, NUM_RES,
+                                  BLOCK_K, DOT_PRECISION)
             own = r64[:, None] * R + offs_p[None, :]
             own_m = live[:, None] & p_mask[None, :]
             nxt = to_next[:, None]
@@ -453,7 +456,8 @@ def _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, 
                     bstep, T, B, H, R, CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr,
                     NUM_SAVED: tl.constexpr, HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr,
                     HAS_PROJ: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
-                    KC2: tl.constexpr, NUM_KC2: tl.constexpr, BLOCK_B: tl.constexpr,
+                    NUM_RES: tl.constexpr, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
+                    NUM_RES2: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """One backward step's gate gradients for the program's hidden units."""
@@ -482,12 +486,12 @@ def _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, 
             if HAS_PROJ:
                 # dm_t = dh_t @ W_hr, from the slices of dh_t all programs just wrote.
                 dh = _backward_dh(DHSEQ, WR, t64, r64, live, offs_n, n_mask, wr, wr, wr, wr, B,
-                                  R, H, 0, 1, KC2, NUM_KC2, BLOCK_K, DOT_PRECISION)
+                                  R, H, 0, 1, KC2, NUM_KC2, NUM_RES2, BLOCK_K, DOT_PRECISION)
             else:
                 # Recurrent part of dh_t: the later step's gate gradients times W_hh.
                 dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2,
                                       w3, B, H, H, _gate_stride(H, H), NUM_GATES, KC, NUM_KC,
-                                      BLOCK_K, DOT_PRECISION)
+                                      NUM_RES, BLOCK_K, DOT_PRECISION)
                 dh = tl.where(nxt, dh_rec + tl.load(DHST + own, mask=own_m & nxt, other=0.0),
                               tl.load(DHN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
                 dh += tl.load(DOUT + t64 * B * H + own, mask=own_m, other=0.0).to(tl.float32)
@@ -549,8 +553,9 @@ def rnn_backward_kernel(
     BAR, T, B, H, R, t_begin, n_steps,
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr, HAS_PROJ: tl.constexpr,
-    KC: tl.constexpr, NUM_KC: tl.constexpr, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    KC: tl.constexpr, NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, KC2: tl.constexpr,
+    NUM_KC2: tl.constexpr, NUM_RES2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -579,13 +584,12 @@ def rnn_backward_kernel(
     if HAS_PROJ:
         # Columns of W_hh_g for our slice of h, and of W_hr for our units.
         w0, w1, w2, w3 = _resident_weights(W, offs_p, p_mask, H, R, _gate_stride(H, R), False,
-                                           NUM_GATES, KC, NUM_KC, BLOCK_K)
-        wr, _, _, _ = _resident_weights(WR, offs_n, n_mask, R, H, 0, False, 1, KC2, NUM_KC2,
-                                        BLOCK_K)
+                                           NUM_GATES, KC, NUM_RES)
+        wr, _, _, _ = _resident_weights(WR, offs_n, n_mask, R, H, 0, False, 1, KC2, NUM_RES2)
     else:
         # Tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
         w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, H, _gate_stride(H, H), False,
-                                           NUM_GATES, KC, NUM_KC, BLOCK_K)
+                                           NUM_GATES, KC, NUM_RES)
 
     for s in range(n_steps):
         phase = t_begin + s
@@ -595,19 +599,21 @@ def rnn_backward_kernel(
             if phase % 2 == 0:
                 _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, offs_p,
                                   p_mask, pid_b, n_prog_b, bstep, T, B, H, R, NUM_GATES, KC,
-                                  NUM_KC, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                                  NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, REVERSE, VARLEN,
+                                  DOT_PRECISION)
             else:
                 _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN,
                                 DHSEQ, DHST, DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n,
                                 n_mask, pid_b, n_prog_b, bstep, T, B, H, R, CELL_BWD, NUM_GATES,
-                                NUM_SAVED, HAS_C, SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, KC2,
-                                NUM_KC2, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                                NUM_SAVED, HAS_C, SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, NUM_RES,
+                                KC2, NUM_KC2, NUM_RES2, BLOCK_B, BLOCK_K, REVERSE, VARLEN,
+                                DOT_PRECISION)
         else:
             _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHSEQ,
                             DHST, DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n, n_mask, pid_b,
                             n_prog_b, bstep, T, B, H, R, CELL_BWD, NUM_GATES, NUM_SAVED, HAS_C,
-                            SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, KC2, NUM_KC2, BLOCK_B, BLOCK_K,
-                            REVERSE, VARLEN, DOT_PRECISION)
+                            SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, NUM_RES, KC2, NUM_KC2, NUM_RES2,
+                            BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
         tl.debug_barrier()
         if USE_BARRIER:
             grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
