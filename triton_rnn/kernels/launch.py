@@ -66,10 +66,10 @@ STREAM_CHUNK_LIMIT = 48 * 1024
 #: bf16 keeps 1536 of 2048 inputs on-chip in 217,088 B of shared memory.
 RESIDENT_STREAM_LIMIT = 216 * 1024
 #: Largest streamed chunk beside resident chunks, by element size. Found by compiling
-#: for sm_90 (Triton 3.9): GRU hidden 2048 fp32 kept 16 B on the stack with 24 KB
-#: chunks (none with 12 KB), LSTM 3072 fp32 8 B with 32 KB; GRU 3072 bf16 none with
-#: 24 KB, but 32 B with 12 KB (ptxas capped it at 128 registers).
-PARTLY_RESIDENT_STREAM_CHUNK = {2: 24 * 1024, 4: 16 * 1024}
+#: for sm_90: GRU hidden 2048 fp32 kept 16 B on the stack with 24 KB chunks (Triton
+#: 3.9), LSTM 2048 fp32 24 B with 16 KB (3.6), none with 8 KB; GRU 3072 bf16 none
+#: with 24 KB, but 32 B with 12 KB (3.9; ptxas capped it at 128 registers).
+PARTLY_RESIDENT_STREAM_CHUNK = {2: 24 * 1024, 4: 8 * 1024}
 #: Largest value of a grid barrier's int32 arrival counter: one persistent launch
 #: runs at most this many steps x hidden blocks (more take several launches).
 BARRIER_COUNT_LIMIT = 2**31 - 1
@@ -173,16 +173,18 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     (``gates * padded_k * block_h * itemsize``, :func:`padded_k`) fits in
     :data:`ONCHIP_WEIGHT_TARGET`; 16, or 8 when a 16-unit slice exceeds
     :data:`ONCHIP_WEIGHT_LIMIT` (LSTM hidden 1024 in fp32), if none does.
-    When even that slice exceeds the limit, or the slices outnumber the SMs
-    (one resident program per SM), ``block_h`` doubles until they do not; if the
-    slice then exceeds the limit (LSTM hidden 2048 in bf16, GRU hidden 2048 in
-    fp32), part of each slice is streamed from L2 every step instead:
+    When the slices outnumber the SMs (one resident program per SM),
+    ``block_h`` doubles until they do not; if the slice then exceeds the limit
+    (LSTM hidden 2048 in bf16, GRU hidden 2048 in fp32), part of each slice is
+    streamed from L2 every step instead:
     ``resident_k`` keeps the first inputs of the slice on-chip
     (:func:`default_resident_k`), and the rest streams in chunks of ``block_k``
     inputs: 128, halved (down to 32) while a chunk of all gates exceeds
     :data:`PARTLY_RESIDENT_STREAM_CHUNK`. LSTM hidden 2048 bf16 streams a quarter
-    of ``W_hh`` per step, GRU hidden 2048 fp32 half. With a projection it all
-    streams, in chunks up to :data:`STREAM_CHUNK_LIMIT`.
+    of ``W_hh`` per step, GRU hidden 2048 fp32 half. With a projection, ``block_h``
+    does not double: when the slice exceeds the limit or the slices outnumber the SMs,
+    all of it streams, 32 units per program, in chunks up to :data:`STREAM_CHUNK_LIMIT`
+    (the rule that was checked spill-free for LSTMP below).
     ``block_b`` is 16 whatever the batch (programs loop over
     batch tiles), so the default never depends on the batch size.
     ``num_warps``: 4 for the one-gate RNN; 8 for GRU and LSTM from hidden 1024
@@ -211,10 +213,12 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
         block_h = hp
     else:
         block_h = 16 if size(16) <= ONCHIP_WEIGHT_LIMIT else MIN_BLOCK_H
-        while triton.cdiv(hidden, block_h) > num_sms and block_h < hp:
+        while not proj and triton.cdiv(hidden, block_h) > num_sms and block_h < hp:
             block_h *= 2  # at most one slice per SM
-        if size(block_h) > ONCHIP_WEIGHT_LIMIT:
-            # Beyond on-chip capacity: stream part of W_hh from L2 at every step.
+        if size(block_h) > ONCHIP_WEIGHT_LIMIT or triton.cdiv(hidden, block_h) > num_sms:
+            # Beyond on-chip capacity: stream (part of) W_hh from L2 at every step.
+            if proj:
+                block_h = 32
             block_k = 128
             limit = STREAM_CHUNK_LIMIT if proj else PARTLY_RESIDENT_STREAM_CHUNK[itemsize]
             while block_k > 32 and spec.gates * block_h * block_k * itemsize > limit:

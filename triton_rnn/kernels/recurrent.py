@@ -3,7 +3,10 @@
 One program owns ``BLOCK_H`` hidden units (all gates of them) and a group of
 batch tiles. Before the time loop it loads its slice of ``W_hh`` (``NUM_GATES``
 tiles of ``[H, BLOCK_H]``, in ``NUM_KC`` chunks of ``KC`` inputs) once; the
-slice stays on-chip for every step.
+slice stays on-chip for every step. A slice larger than a block's shared memory
+keeps only its first ``NUM_RES`` chunks on-chip and streams the rest from global
+memory (L2) at every step, ``BLOCK_K`` inputs at a time (``BLOCK_K = 0``: none
+streams; ``NUM_RES = 0``: all of it streams).
 
 Each step, for each of its batch tiles, a program
 
