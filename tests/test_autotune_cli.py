@@ -81,7 +81,7 @@ def test_cli_commands(tmp_path):
     stream_file = tmp_path / "stream.json"
     C.TuneCache(stream_file).put(
         C.entry_key(KernelKey.for_shape("lstm", "forward", "float32", 2048, 8), GPU, CAP),
-        {"config": KernelConfig(32, 16, 8, 1, 128).to_dict(), "ms": 2.0})
+        {"config": KernelConfig(16, 16, 8, 1, 32, resident_k=768).to_dict(), "ms": 2.0})
     proj_file = tmp_path / "proj.json"
     lstm_names = [C.entry_key(KernelKey.for_shape("lstm", "forward", "bfloat16", 256, 32,
                                                   proj=p), GPU, CAP) for p in (64, 0)]
@@ -183,7 +183,7 @@ def test_cli_commands(tmp_path):
     assert "--static-only" in fails(23)
     assert "imported 1 new" in ok(24)
     assert r[25]["rc"] == 1 and "nothing deleted" in r[25]["err"]  # closed stdin: no answer
-    assert "h32 b16 w8 s1 k128" in ok(26)  # a streaming tile says so
+    assert "h16 b16 w8 s1 k32 r768" in ok(26)  # a streaming tile says so, and what stays
     # --proj: LSTM only, smaller than --hidden, not negative; checked before the GPU is.
     assert "--cell lstm only" in fails(27)
     assert "smaller than --hidden (64)" in fails(28)
