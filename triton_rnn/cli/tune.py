@@ -73,7 +73,8 @@ def _fmt_report(r: dict) -> str:
             f"spill={r.get('local_bytes', '?')} grid={r.get('grid', '?')} "
             f"blocks/SM={r.get('blocks_per_sm', '?')}"
             + ("" if r.get("tensor_cores", True) else " no-tensor-cores")
-            + (" weights-reloaded-in-loop" if r.get("weights_loaded_in_loop") else ""))
+            + (f" streams-W_hh({r.get('weights_on_chip', 0):.0%}-on-chip)"
+               if r.get("weights_loaded_in_loop") else ""))
 
 
 def _static_report_or_error():
