@@ -68,7 +68,7 @@ def _tool(name: str) -> str:
 def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, arch: int,
                proj: int = 0):
     from .cells import CELL_SPECS
-    from .launch import _plan, k_tiling, resident_chunks
+    from .launch import _plan, k_chunk_meta
 
     spec = CELL_SPECS[cell]
     st = "*" + _TRITON_TYPES[dtype]
@@ -88,14 +88,8 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
                       HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj))
         k1, k2 = hidden, rec
-    kc, num_kc = k_tiling(k1, gpu=True)
-    kc2, num_kc2 = k_tiling(k2, gpu=True)
-    consts.update(KC=kc, NUM_KC=num_kc,
-                  NUM_RES=resident_chunks(k1, plan.block_k, plan.resident_k, gpu=True), KC2=kc2,
-                  NUM_KC2=num_kc2,
-                  NUM_RES2=resident_chunks(k2, plan.block_k, plan.resident_k, gpu=True),
-                  BLOCK_H=block_h,
-                  BLOCK_P=plan.block_p, BLOCK_B=block_b, BLOCK_K=plan.block_k,
+    consts.update(**k_chunk_meta(k1, k2, plan.block_k, plan.resident_k, gpu=True),
+                  BLOCK_H=block_h, BLOCK_P=plan.block_p, BLOCK_B=block_b, BLOCK_K=plan.block_k,
                   REVERSE=False, VARLEN=False, USE_BARRIER=split,
                   DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
     sig = dict(ptrs)
@@ -207,7 +201,7 @@ def _binary_facts(cell, pass_, dtype, hidden, config, arch, proj=0) -> dict:
 def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) -> dict:
     import triton
 
-    from .launch import default_config, k_tiling, programs_per_sm, resident_chunks
+    from .launch import default_config, k_chunk_meta, programs_per_sm
 
     if config is None:
         config = default_config(cell, pass_, dtype, hidden, batch, arch_limits(arch)["num_sms"],
@@ -221,8 +215,8 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) 
         per_sm = 0
     max_programs = per_sm * lim["num_sms"]
     k = hidden if pass_ == "backward" else (proj or hidden)  # W_hh's K in this pass
-    on_chip = (resident_chunks(k, config.block_k, config.resident_k, gpu=True)
-               / k_tiling(k, gpu=True)[1])
+    chunks = k_chunk_meta(k, k, config.block_k, config.resident_k, gpu=True)
+    on_chip = chunks["NUM_RES"] / chunks["NUM_KC"]
     batch_tiles = triton.cdiv(max(batch, 1), info["block_b"])
     # A split hidden dimension needs all its blocks resident (grid barrier); batch
     # tiles beyond what fits are looped over inside the programs.

@@ -134,6 +134,16 @@ def resident_chunks(k: int, block_k: int, resident_k: int, gpu: Optional[bool] =
     return num_kc if not block_k else min(resident_k // kc, num_kc)
 
 
+def k_chunk_meta(k: int, k2: int, block_k: int, resident_k: int,
+                 gpu: Optional[bool] = None) -> dict:
+    """The kernels' K-chunk constexprs: ``KC, NUM_KC, NUM_RES`` for ``W_hh``'s K (``k``) and
+    ``KC2, NUM_KC2, NUM_RES2`` for ``W_hr``'s (``k2``; unused without a projection)."""
+    (kc, num_kc), (kc2, num_kc2) = k_tiling(k, gpu), k_tiling(k2, gpu)
+    return dict(KC=kc, NUM_KC=num_kc, NUM_RES=resident_chunks(k, block_k, resident_k, gpu),
+                KC2=kc2, NUM_KC2=num_kc2,
+                NUM_RES2=resident_chunks(k2, block_k, resident_k, gpu))
+
+
 def padded_k(hidden: int, gpu: Optional[bool] = None) -> int:
     """Hidden size padded to whole K chunks: the K extent of the on-chip weight slice."""
     kc, n = k_tiling(hidden, gpu)
@@ -553,19 +563,16 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     mbuf = (torch.zeros if varlen else torch.empty)(T, B, H, dtype=xg.dtype, device=dev) \
         if proj else None
     plan = _plan(H, B, cfg, mode, proj=proj)
-    kc, num_kc = k_tiling(R)
-    kc2, num_kc2 = k_tiling(H)
     dummy = hst
     args = (xg, w_hh, w_hr if proj else xg, b_hn if b_hn is not None else dummy, h0,
             c0 if c0 is not None else h0, hbuf, mbuf if proj else hbuf, hst, cseq, saved,
             batch_sizes if varlen else dummy)
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
-        HAS_BHN=spec.separate_bhn and b_hn is not None, HAS_PROJ=bool(proj), KC=kc,
-        NUM_KC=num_kc, NUM_RES=resident_chunks(R, plan.block_k, plan.resident_k), KC2=kc2,
-        NUM_KC2=num_kc2, NUM_RES2=resident_chunks(H, plan.block_k, plan.resident_k),
-        BLOCK_H=plan.block_h, BLOCK_P=plan.block_p,
-        BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
+        HAS_BHN=spec.separate_bhn and b_hn is not None, HAS_PROJ=bool(proj),
+        **k_chunk_meta(R, H, plan.block_k, plan.resident_k), BLOCK_H=plan.block_h,
+        BLOCK_P=plan.block_p, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
+        VARLEN=varlen,
         DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
     if pad_rows is not None:
         hbuf[slots, pad_rows] = 0
@@ -610,8 +617,6 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
     dhst = (torch.zeros if proj else torch.empty)(B, H, dtype=torch.float32, device=dev)
     dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else dhst
     plan = _plan(H, B, cfg, mode, proj=proj)
-    kc, num_kc = k_tiling(H)
-    kc2, num_kc2 = k_tiling(R)
     dummy = dhst
     args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, w_hr if proj else w_hh, hbuf,
             h0, c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
@@ -619,10 +624,9 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
             batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
-        SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj), KC=kc, NUM_KC=num_kc,
-        NUM_RES=resident_chunks(H, plan.block_k, plan.resident_k), KC2=kc2, NUM_KC2=num_kc2,
-        NUM_RES2=resident_chunks(R, plan.block_k, plan.resident_k), BLOCK_H=plan.block_h,
-        BLOCK_P=plan.block_p, BLOCK_B=plan.block_b,
-        BLOCK_K=plan.block_k, REVERSE=reverse, VARLEN=varlen,
+        SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj),
+        **k_chunk_meta(H, R, plan.block_k, plan.resident_k), BLOCK_H=plan.block_h,
+        BLOCK_P=plan.block_p, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
+        VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward", pair)
     return dgh, dxn, dhst, (dcst if spec.has_c else None), dhseq
