@@ -1,6 +1,7 @@
 """The static kernel report: real sm_90 compiles on the CPU, read with the wheel's cuobjdump.
 
-All reports come from one subprocess (see ``all_reports``). For the default
+All reports come from one call of ``static_reports`` (see ``all_reports``): a few
+subprocesses, one per CPU, compile them in parallel. For the default
 tile configs of every cell at hidden 256, 512 and 1024 and batch 1, 16 and 64
 in bf16: no spills, shared memory within the per-block
 limit, tensor cores used, and the recurrent weights never loaded from global
@@ -47,7 +48,7 @@ PROJECTED = [(p, "bfloat16", h, proj) for h, proj in [(1024, 256), (2048, 512)]
 
 @pytest.fixture(scope="module")
 def all_reports():
-    """Every report these tests read, compiled in one subprocess (one import of Triton)."""
+    """Every report these tests read, from one call of ``static_reports``."""
     reqs = [dict(cell=c, pass_=p, dtype="bfloat16", hidden=h, batch=b, config=None, arch=90)
             for c in CELLS for h in HIDDEN for b in BATCH for p in ("forward", "backward")]
     extra = sorted(set(LARGEST_PERSISTENT + USED_TO_SPILL + NON_POW2 + PARTLY_RESIDENT))

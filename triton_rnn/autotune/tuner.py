@@ -120,11 +120,11 @@ def drop_reasons(report: dict) -> List[str]:
 
 
 def _batched_reports(key: KernelKey, configs) -> Optional[list]:
-    """All reports from one subprocess when ``TRITON_INTERPRET`` is set in this process.
+    """All reports at once, from subprocesses, when ``TRITON_INTERPRET`` is set in this process.
 
     The jitted kernels cannot be compiled for a GPU in an interpreting process;
-    ``static_report`` then starts one subprocess per call. One subprocess for
-    all candidates imports Triton once instead.
+    ``static_report`` then starts one subprocess per call. ``static_reports``
+    shares all candidates among a few subprocesses, each importing Triton once.
     """
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return None

@@ -21,6 +21,7 @@ be compiled, so the report is computed in a subprocess without that variable.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -28,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 #: Per-architecture limits used for the occupancy estimate.
 ARCH_LIMITS = {
@@ -252,14 +254,47 @@ def static_report(cell: str, pass_: str, dtype: str, hidden: int, batch: int,
                                 proj=proj)])[0]
 
 
-def static_reports(requests: list) -> list:
-    """Several reports in one subprocess without ``TRITON_INTERPRET`` (one import of triton)."""
+#: Most subprocesses :func:`static_reports` runs at once (each compiles with one core).
+MAX_COMPILE_JOBS = 4
+
+
+def static_reports(requests: list, jobs: Optional[int] = None) -> list:
+    """Several reports from subprocesses without ``TRITON_INTERPRET``, in request order.
+
+    The requests are shared among up to ``jobs`` subprocesses (default: the CPUs
+    this process may use, at most :data:`MAX_COMPILE_JOBS`), each importing triton
+    once and compiling its share one kernel after another. Requests that differ
+    only in the batch size (the same binary) go to the same subprocess, which
+    compiles it once.
+    """
+    if not requests:
+        return []
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        same_binary = json.dumps({k: v for k, v in r.items() if k != "batch"}, sort_keys=True)
+        groups.setdefault(same_binary, []).append(i)
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jobs = max(1, min(jobs or 1, MAX_COMPILE_JOBS, len(groups)))
+    shares: list = [[] for _ in range(jobs)]
+    for n, indices in enumerate(groups.values()):
+        shares[n % jobs].extend(indices)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "triton_rnn.kernels.inspect"],
-                          input=json.dumps(requests), capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"static compile failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout)
+
+    def run(share):
+        proc = subprocess.run([sys.executable, "-m", "triton_rnn.kernels.inspect"],
+                              input=json.dumps([requests[i] for i in share]),
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"static compile failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout)
+
+    out: list = [None] * len(requests)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for share, reports in zip(shares, pool.map(run, shares)):
+            for i, report in zip(share, reports):
+                out[i] = report
+    return out
 
 
 def _main() -> None:
