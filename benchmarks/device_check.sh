@@ -155,6 +155,9 @@ FLOORS_ARG=""
 # compiled twice (static check, then the timed launch), so the full set would not fit.
 step tune_gru 45 $(r 225) "$PY -m triton_rnn.cli tune --cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
 step tune_lstm 45 $(r 200) "$PY -m triton_rnn.cli tune --cell lstm --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
+# LSTM 2048 bf16, forward: the default keeps 1536 of the 2048 inputs of each 256 KB slice
+# on-chip and streams the rest from L2; timed against streaming the whole slice.
+step tune_lstm2048 40 $(r 180) "$PY -m triton_rnn.cli tune --cell lstm --hidden 2048 --batch 16 --dtype bfloat16 --config 16,16,8,1,128,1536 --config 16,16,8,1,128"
 
 # 6. The quick grid against cuDNN. The JSON is rewritten after every shape; if the
 # run dies (a lost CUDA context, a hang), a second run resumes with the rest.
