@@ -84,16 +84,12 @@ def cmd_path(args) -> int:
 
 
 def _cfg_str(d) -> str:
-    """``h32 b16 w8 s1`` (and ``k128`` for a weight-streaming tile, ``r1536`` for the inputs
-    of its slice kept on-chip)."""
+    """:meth:`KernelConfig.label` of a stored tile, ``?`` if it is not one."""
     from ..kernels.config import KernelConfig
     try:
-        c = KernelConfig.from_dict(d)
+        return KernelConfig.from_dict(d).label()
     except ValueError:
         return "?"
-    return (f"h{c.block_h} b{c.block_b} w{c.num_warps} s{c.num_stages}"
-            + (f" k{c.block_k}" if c.block_k else "")
-            + (f" r{c.resident_k}" if c.resident_k else ""))
 
 
 def cmd_list(args) -> int:

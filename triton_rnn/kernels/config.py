@@ -82,6 +82,13 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be {kind} in [{lo}, {hi}], got {v}")
         return cls(**d)
 
+    def label(self) -> str:
+        """Short form for tables: ``h16 b16 w8 s1``, plus ``k128`` for a streaming tile and
+        ``r1536`` for the inputs of its slice kept on-chip."""
+        return (f"h{self.block_h} b{self.block_b} w{self.num_warps} s{self.num_stages}"
+                + (f" k{self.block_k}" if self.block_k else "")
+                + (f" r{self.resident_k}" if self.resident_k else ""))
+
     def __str__(self) -> str:
         return (f"block_h={self.block_h} block_b={self.block_b} "
                 f"num_warps={self.num_warps} num_stages={self.num_stages}"
