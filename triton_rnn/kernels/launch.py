@@ -195,8 +195,8 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     does not double: when the slice exceeds the limit or the slices outnumber the SMs,
     all of it streams, 32 units per program, in chunks up to :data:`STREAM_CHUNK_LIMIT`
     (the rule that was checked spill-free for LSTMP below).
-    ``block_b`` is 16 whatever the batch (programs loop over
-    batch tiles), so the default never depends on the batch size.
+    ``block_b`` is 16 whatever the batch (programs loop over batch tiles), so
+    the default never depends on the batch size.
     ``num_warps``: 4 for the one-gate RNN; 8 for GRU and LSTM from hidden 1024
     up, in fp32, or when a program owns 256 or more gate columns
     (``gates * block_h``); else 4. That rule is what keeps every default
@@ -384,7 +384,8 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
     tiles = triton.cdiv(batch, block_b)
     stepwise = mode == "stepwise" or (grid_h > 1 and not gpu)
     return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b, block_k=block_k,
-                 resident_k=cfg.resident_k if block_k else 0, persistent=not stepwise, use_barrier=(not stepwise and grid_h > 1),
+                 resident_k=cfg.resident_k if block_k else 0, persistent=not stepwise,
+                 use_barrier=(not stepwise and grid_h > 1),
                  block_p=block_p_for(proj or hidden, hidden, block_h, gpu))
 
 
