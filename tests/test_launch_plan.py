@@ -163,8 +163,9 @@ def test_default_slice_size_counts_chunk_padding_only():
 def test_slices_beyond_shared_memory_keep_whole_chunks_on_chip(cell, dtype, hidden, block_h,
                                                                resident_k):
     """A slice over the on-chip limit keeps its first K chunks on-chip and streams the rest:
-    at most one slice per SM, and the resident chunks plus one streamed chunk within
-    RESIDENT_STREAM_LIMIT, which one more chunk would exceed."""
+    at most one slice per SM, and the resident chunks plus one streamed chunk of the
+    weights and of the h tile within RESIDENT_STREAM_LIMIT, which one more chunk would
+    exceed."""
     cfg = launch.default_config(cell, "forward", dtype, hidden, 32)
     assert (cfg.block_h, cfg.resident_k) == (block_h, resident_k) and cfg.block_k > 0
     assert hidden // block_h <= 132
@@ -173,6 +174,7 @@ def test_slices_beyond_shared_memory_keep_whole_chunks_on_chip(cell, dtype, hidd
     resident = gates * block_h * resident_k * item
     streamed = gates * block_h * cfg.block_k * item
     assert streamed <= launch.PARTLY_RESIDENT_STREAM_CHUNK[item]
+    streamed += cfg.block_b * cfg.block_k * item
     assert resident + streamed <= launch.RESIDENT_STREAM_LIMIT
     chunk = gates * block_h * 256 * item
     assert resident + chunk + streamed > launch.RESIDENT_STREAM_LIMIT

@@ -273,7 +273,7 @@ def _own_candidates(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
                 for k in ks:
                     # A streaming tile keeps what the default rule would keep on-chip.
                     rk = 0 if not k or key.proj else default_resident_k(
-                        key.cell, key.hidden, bh, k, key.elem_bytes)
+                        key.cell, key.hidden, bh, k, key.elem_bytes, bb)
                     out.append(KernelConfig(bh, bb, w, 1, k, rk))
     if base.resident_k:  # and the default with all of its slice streamed
         out.append(replace(base, resident_k=0))

@@ -61,10 +61,11 @@ RESIDENT_K_CHUNK = 256
 #: Largest streamed weight chunk (all gates, ``block_k`` inputs) of the default configs.
 STREAM_CHUNK_LIMIT = 48 * 1024
 #: When a slice streams, the default keeps as many whole K chunks of it on-chip as fit
-#: in this budget together with one streamed chunk; the rest of the 227 KB goes to the
-#: streamed ``h`` tile (4 KB at ``block_b=16``). Checked on sm_90: LSTM hidden 2048
-#: bf16 keeps 1536 of 2048 inputs on-chip in 217,088 B of shared memory.
-RESIDENT_STREAM_LIMIT = 216 * 1024
+#: in this budget together with one streamed chunk of the weights and one of the ``h``
+#: tile (``block_b x block_k``): what the compiled kernels hold in shared memory on
+#: sm_90, which leaves 7 KB of the 227 KB a block can have. LSTM hidden 2048 bf16 keeps
+#: 1536 of 2048 inputs on-chip in 217,088 B (batch tile 16), 221,184 B (32).
+RESIDENT_STREAM_LIMIT = 220 * 1024
 #: Largest streamed chunk beside resident chunks, by element size. Found by compiling
 #: for sm_90: GRU hidden 2048 fp32 kept 16 B on the stack with 24 KB chunks (Triton
 #: 3.9), LSTM 2048 fp32 24 B with 16 KB (3.6), none with 8 KB; GRU 3072 bf16 none
@@ -234,7 +235,8 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
             while block_k > 32 and spec.gates * block_h * block_k * itemsize > limit:
                 block_k //= 2
             if not proj:
-                resident_k = default_resident_k(cell, hidden, block_h, block_k, itemsize)
+                resident_k = default_resident_k(cell, hidden, block_h, block_k, itemsize,
+                                                MIN_BLOCK_B)
         else:
             while block_h * 2 <= hp and size(block_h * 2) <= ONCHIP_WEIGHT_TARGET and (
                     not proj or spec.gates * block_h * 2 <= MAX_PROJ_GATE_COLUMNS):
@@ -247,13 +249,14 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
                         block_k=block_k, resident_k=resident_k)
 
 
-def default_resident_k(cell: str, hidden: int, block_h: int, block_k: int, itemsize: int) -> int:
+def default_resident_k(cell: str, hidden: int, block_h: int, block_k: int, itemsize: int,
+                       block_b: int) -> int:
     """Inputs of a streamed ``W_hh`` slice the default keeps on-chip: the most whole K
     chunks (:func:`k_tiling`) that fit :data:`RESIDENT_STREAM_LIMIT` beside one streamed
-    chunk of ``block_k`` inputs; 0 when none does."""
+    chunk of ``block_k`` inputs of the weights and of the ``h`` tile; 0 when none does."""
     gates = CELL_SPECS[cell].gates
     kc, num_kc = k_tiling(hidden, gpu=True)
-    room = RESIDENT_STREAM_LIMIT - gates * block_k * block_h * itemsize
+    room = RESIDENT_STREAM_LIMIT - (gates * block_h + block_b) * block_k * itemsize
     return kc * max(0, min(num_kc - 1, room // (gates * kc * block_h * itemsize)))
 
 
