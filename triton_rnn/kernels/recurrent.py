@@ -167,7 +167,7 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
             offs_s = k0 + tl.arange(0, BLOCK_K)
             s_mask = offs_s < K
             hs = tl.load(row + offs_s[None, :], mask=rows_ok[:, None] & s_mask[None, :],
-                        other=0.0, cache_modifier=".cg")
+                         other=0.0, cache_modifier=".cg")
             v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_s, offs_n, K, True),
                                               s_mask[:, None] & n_mask[None, :], GSTRIDE,
                                               NUM_GATES)
