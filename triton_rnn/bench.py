@@ -964,15 +964,6 @@ def _measure_kwargs(settings: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _config_label(cfg) -> str:
-    """A stored tile as :meth:`KernelConfig.label` shows it (``h16 b16 w8 s1 k128 r1536``)."""
-    from .kernels.config import KernelConfig
-    try:
-        return KernelConfig.from_dict(cfg).label()
-    except ValueError:
-        return "-"
-
-
 def _fmt(v, spec=".3f", none="-"):
     if v is None:
         return none
@@ -999,6 +990,8 @@ def _ref_label(doc: dict) -> str:
 
 
 def table_rows(doc: dict) -> List[List[str]]:
+    from .kernels.config import KernelConfig
+
     ref = _ref_label(doc)
     impls = [n for n in doc.get("impls", IMPLS)]
     # CUDA-graph replays (--cuda-graphs) get their own time columns.
@@ -1029,7 +1022,7 @@ def table_rows(doc: dict) -> List[List[str]]:
         row += [_fmt(tok / 1e6 if tok else None, ".2f"), _fmt(t.get("tflops"), ".2f"),
                 _fmt(fl.get("floor_ms")), str(fl.get("bound", "-")),
                 _fmt(100 * t["floor_fraction"] if t.get("floor_fraction") else None, ".1f")]
-        row.append(_config_label((r.get("configs") or {}).get("forward")))
+        row.append(KernelConfig.label_of((r.get("configs") or {}).get("forward"), "-"))
         row.append(str(r.get("status")))
         rows.append(row)
     return rows

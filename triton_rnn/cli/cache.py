@@ -83,17 +83,9 @@ def cmd_path(args) -> int:
     return 0
 
 
-def _cfg_str(d) -> str:
-    """:meth:`KernelConfig.label` of a stored tile, ``?`` if it is not one."""
-    from ..kernels.config import KernelConfig
-    try:
-        return KernelConfig.from_dict(d).label()
-    except ValueError:
-        return "?"
-
-
 def cmd_list(args) -> int:
     from ..autotune.cache import split_entry_key
+    from ..kernels.config import KernelConfig
     cache = _cache()
     entries = _load(cache)
     if not entries:
@@ -109,7 +101,7 @@ def cmd_list(args) -> int:
         sp = e.get("speedup")
         rows.append((short_id(name), k.cell, k.pass_, k.dtype, k.shape_label,
                      f"<={k.batch_bucket}", f"sm{k.arch}", p["gpu"], p["triton"],
-                     _cfg_str(e.get("config")),
+                     KernelConfig.label_of(e.get("config")),
                      f"{ms:.4f}" if isinstance(ms, (int, float)) else "-",
                      f"{sp:.2f}x" if isinstance(sp, (int, float)) else "-"))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]

@@ -89,6 +89,15 @@ class KernelConfig:
                 + (f" k{self.block_k}" if self.block_k else "")
                 + (f" r{self.resident_k}" if self.resident_k else ""))
 
+    @classmethod
+    def label_of(cls, d, unknown: str = "?") -> str:
+        """:meth:`label` of a stored tile (a dict from a cache or a results file), or
+        ``unknown`` when ``d`` is not a valid tile."""
+        try:
+            return cls.from_dict(d).label()
+        except ValueError:
+            return unknown
+
     def __str__(self) -> str:
         return (f"block_h={self.block_h} block_b={self.block_b} "
                 f"num_warps={self.num_warps} num_stages={self.num_stages}"
