@@ -549,7 +549,7 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     R = w_hh.shape[1]
     dev = xg.device
     varlen = batch_sizes is not None
-    hbuf = (torch.zeros if varlen else torch.empty)(T + 1, B, R, dtype=xg.dtype, device=dev)
+    hbuf, hst, cseq, saved, mbuf = forward_buffers(cell, xg, w_hh, varlen, save, w_hr)
     hbuf[T if reverse else 0] = h0
     pad_rows = None
     if varlen and reverse:
@@ -559,17 +559,13 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
         slots = lengths[pad_rows].to(dev)
         pad_rows = pad_rows.to(dev)
         hbuf[slots, pad_rows] = h0[pad_rows]
-    hst = torch.empty(B, H, dtype=torch.float32, device=dev)
-    cseq = torch.empty(T, B, H, dtype=torch.float32, device=dev) if spec.has_c else hst
     n_saved = spec.saved if save else 0
-    saved = torch.empty(T, B, n_saved * H, dtype=torch.float32, device=dev) if save else hst
     proj = R if w_hr is not None else 0
-    mbuf = (torch.zeros if varlen else torch.empty)(T, B, H, dtype=xg.dtype, device=dev) \
-        if proj else None
     plan = _plan(H, B, cfg, mode, proj=proj)
     dummy = hst
     args = (xg, w_hh, w_hr if proj else xg, b_hn if b_hn is not None else dummy, h0,
-            c0 if c0 is not None else h0, hbuf, mbuf if proj else hbuf, hst, cseq, saved,
+            c0 if c0 is not None else h0, hbuf, mbuf if proj else hbuf, hst,
+            cseq if cseq is not None else dummy, saved if save else dummy,
             batch_sizes if varlen else dummy)
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
@@ -580,7 +576,28 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
         DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
     if pad_rows is not None:
         hbuf[slots, pad_rows] = 0
-    return hbuf, hst, (cseq if spec.has_c else None), (saved if save else None), mbuf
+    return hbuf, hst, cseq, saved, mbuf
+
+
+def forward_buffers(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, varlen: bool, save: bool,
+                    w_hr: Optional[torch.Tensor] = None) -> tuple:
+    """The tensors :func:`forward` returns, allocated (``None`` where it returns ``None``).
+
+    With packed input (``varlen``) the per-step buffers start zeroed: the kernel
+    writes no step past a row's length, and no output holds stale memory. So
+    does ``h_state`` with ``w_hr``, which the kernel does not write then.
+    """
+    spec: CellSpec = CELL_SPECS[cell]
+    T, B, GH = xg.shape
+    H, R, dev = GH // spec.gates, w_hh.shape[1], xg.device
+    alloc = torch.zeros if varlen else torch.empty
+    hbuf = alloc(T + 1, B, R, dtype=xg.dtype, device=dev)
+    hst = (torch.zeros if w_hr is not None else torch.empty)(B, H, dtype=torch.float32,
+                                                             device=dev)
+    cseq = alloc(T, B, H, dtype=torch.float32, device=dev) if spec.has_c else None
+    saved = alloc(T, B, spec.saved * H, dtype=torch.float32, device=dev) if save else None
+    mbuf = alloc(T, B, H, dtype=xg.dtype, device=dev) if w_hr is not None else None
+    return hbuf, hst, cseq, saved, mbuf
 
 
 def output_view(hbuf: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -613,19 +630,14 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
     H = w_hh.shape[0] // spec.gates
     dev = dout.device
     varlen = batch_sizes is not None
-    alloc = torch.zeros if varlen else torch.empty
     proj = R if w_hr is not None else 0
-    dgh = alloc(T, B, spec.gates * H, dtype=hbuf.dtype, device=dev)
-    dxn = alloc(T, B, H, dtype=hbuf.dtype, device=dev) if spec.split_x_grad else None
-    dhseq = alloc(T, B, R, dtype=hbuf.dtype, device=dev) if proj else None
-    dhst = (torch.zeros if proj else torch.empty)(B, H, dtype=torch.float32, device=dev)
-    dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else dhst
+    dgh, dxn, dhst, dcst, dhseq = backward_buffers(cell, dout, w_hh, hbuf.dtype, varlen, w_hr)
     plan = _plan(H, B, cfg, mode, proj=proj)
     dummy = dhst
     args = (dout, dh_n, dc_n if dc_n is not None else dh_n, w_hh, w_hr if proj else w_hh, hbuf,
             h0, c0 if c0 is not None else h0, cseq if cseq is not None else dummy, saved, dgh,
-            dxn if dxn is not None else dgh, dhseq if proj else dgh, dhst, dcst,
-            batch_sizes if varlen else dummy)
+            dxn if dxn is not None else dgh, dhseq if proj else dgh, dhst,
+            dcst if dcst is not None else dhst, batch_sizes if varlen else dummy)
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj),
@@ -633,4 +645,25 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
         BLOCK_P=plan.block_p, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward", pair)
-    return dgh, dxn, dhst, (dcst if spec.has_c else None), dhseq
+    return dgh, dxn, dhst, dcst, dhseq
+
+
+def backward_buffers(cell: str, dout: torch.Tensor, w_hh: torch.Tensor, dtype: torch.dtype,
+                     varlen: bool, w_hr: Optional[torch.Tensor] = None) -> tuple:
+    """The tensors :func:`backward` returns, allocated (``None`` where it returns ``None``).
+
+    With packed input (``varlen``) the per-step buffers start zeroed, as in
+    :func:`forward_buffers`; so does ``dh0``'s elementwise part with ``w_hr``,
+    which the kernel leaves to the caller.
+    """
+    spec: CellSpec = CELL_SPECS[cell]
+    T, B, R = dout.shape
+    H, dev = w_hh.shape[0] // spec.gates, dout.device
+    alloc = torch.zeros if varlen else torch.empty
+    dgh = alloc(T, B, spec.gates * H, dtype=dtype, device=dev)
+    dxn = alloc(T, B, H, dtype=dtype, device=dev) if spec.split_x_grad else None
+    dhseq = alloc(T, B, R, dtype=dtype, device=dev) if w_hr is not None else None
+    dhst = (torch.zeros if w_hr is not None else torch.empty)(B, H, dtype=torch.float32,
+                                                              device=dev)
+    dcst = torch.empty(B, H, dtype=torch.float32, device=dev) if spec.has_c else None
+    return dgh, dxn, dhst, dcst, dhseq
