@@ -241,23 +241,30 @@ def test_float64_runs_on_torch_with_a_warning():
     torch.testing.assert_close(out, ref(x)[0], atol=0, rtol=0)
 
 
-def test_torch_compile_runs_the_kernels_eagerly():
-    """torch.compile graph-breaks around the recurrence (as around cuDNN's) and agrees with eager."""
+def test_backward_tile_is_chosen_before_the_forward_runs(monkeypatch):
+    """Both passes' tiles are settled before the forward launch (``TRITON_RNN_AUTOTUNE=1``
+    tunes there, never inside the backward pass); inference looks up the forward's only."""
+    from triton_rnn.kernels import launch
+
+    events = []
+    for name in ("select_config", "forward", "backward"):
+        real = getattr(launch, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            events.append(f"select {a[1]}" if _name == "select_config" else f"launch {_name}")
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(launch, name, spy)
     torch.manual_seed(0)
-    rnn = triton_rnn.LSTM(6, 8, num_layers=2, bidirectional=True, backend="triton")
-    head = torch.nn.Linear(16, 3)
-
-    def model(x):
-        return head(torch.tanh(rnn(x)[0])).square().mean()
-
-    x = torch.randn(5, 3, 6)
-    eager = model(x)
-    grads = torch.autograd.grad(eager, list(rnn.parameters()))
-    compiled = torch.compile(model, backend="aot_eager")
-    got = compiled(x)
-    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
-    for g, w in zip(torch.autograd.grad(got, list(rnn.parameters())), grads):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    m = triton_rnn.GRU(5, 6, backend="triton")
+    x = torch.randn(3, 2, 5)
+    with torch.no_grad():
+        m(x)
+    assert events == ["select forward", "launch forward"]
+    events.clear()
+    m(x)[0].sum().backward()
+    assert events[:3] == ["select forward", "select backward", "launch forward"]
+    assert events[-1] == "launch backward"
 
 
 @triton.jit

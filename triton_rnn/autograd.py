@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import ops
 from .kernels import launch
 from .kernels.cells import CELL_SPECS
 from .kernels.config import KernelConfig
@@ -80,10 +81,11 @@ class RecurrenceFunction(torch.autograd.Function):
         xg = (torch.addmm(fused, x2, w_ih.t()) if fused is not None else x2 @ w_ih.t())
         xg = xg.view(T, B, -1)
         w_hr_k = w_hr.contiguous() if w_hr is not None else None
-        hbuf, hst, cseq, saved, mbuf = launch.forward(
+        hbuf, hst, cseq, saved, mbuf = ops.recurrence_forward(
             cell, xg, w_hh.contiguous(), b_hn, h0.contiguous(),
-            c0.contiguous() if c0 is not None else None, lengths, bsz, reverse, cfg_f, mode,
-            save=needs_grad, pair=pairs and pairs[0], w_hr=w_hr_k)
+            c0.contiguous() if c0 is not None else None, w_hr_k, lengths, bsz, reverse=reverse,
+            mode=mode, config=cfg_f, backward_config=cfg_b, save=needs_grad,
+            pair=pairs and pairs[0])
         out = launch.output_view(hbuf, reverse)
         last = _rows_at(_last_step(T, B, lengths, reverse, x.device))
         # With a projection, h_n is each row's last output (the kernel keeps m, not h, in fp32).
@@ -108,7 +110,7 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout, dh_n, dc_n):
-        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, _, pairs = ctx.meta
+        cell, reverse, lengths, bsz, _, cfg_b, mode, _, pairs = ctx.meta
         x, h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
@@ -119,11 +121,11 @@ class RecurrenceFunction(torch.autograd.Function):
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
         if spec.has_c:
             dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-        dgh, dxn, dhst, dcst, dhseq = launch.backward(
+        dgh, dxn, dhst, dcst, dhseq = ops.recurrence_backward(
             cell, dout.contiguous(), dh_n.contiguous(), dc_n, w_hh.contiguous(), hbuf,
-            h0.contiguous(), c0.contiguous() if c0 is not None else None, cseq, saved, bsz,
-            reverse, cfg_b, mode, pair=pairs and pairs[1],
-            w_hr=w_hr.contiguous() if w_hr is not None else None)
+            h0.contiguous(), c0.contiguous() if c0 is not None else None, cseq, saved,
+            w_hr.contiguous() if w_hr is not None else None, bsz, reverse=reverse, mode=mode,
+            config=cfg_b, pair=pairs and pairs[1])
         dgx = dgh if dxn is None else torch.cat([dgh[..., :-H], dxn], dim=-1)
         dgh2, dgx2, x2 = dgh.reshape(T * B, -1), dgx.reshape(T * B, -1), x.reshape(T * B, I)
         first = _rows_at(_first_step(T, B, lengths, reverse, dev))
@@ -159,11 +161,6 @@ class RecurrenceFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
 
 
-# torch.compile runs this eagerly (a graph break, as around cuDNN's RNN): the
-# launcher's cooperative launches, occupancy query and stepwise loop are host code
-# that Dynamo cannot trace, and under Triton's interpreter it would trace the
-# interpreter itself.
-@torch.compiler.disable
 def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor,
                     w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                     w_hr: Optional[Tensor], *, reverse: bool = False,
@@ -177,9 +174,9 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     ``backward_config`` force tile configs (default: tuned cache, then heuristic).
     ``pairs`` (forward and backward :class:`~triton_rnn.kernels.launch.DirectionPair`)
     is set by :func:`triton_directions` when the other direction runs on another stream.
+    Under ``torch.compile`` the kernels are custom ops (:mod:`triton_rnn.ops`).
     """
     T, B, _ = x.shape
-    H = w_hh.shape[0] // CELL_SPECS[cell].gates
     if B == 0:
         # torch returns empty outputs for an empty batch, and zero (not None) gradients
         # for every parameter: keep them all in the autograd graph.
@@ -190,14 +187,10 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     if lengths is not None:
         steps = torch.arange(T)
         bsz = (lengths.view(1, -1) > steps.view(-1, 1)).sum(1).to(torch.int32).to(x.device)
-    dname = launch.dtype_name(x.dtype)
-    proj = w_hr.shape[0] if w_hr is not None else 0
-    cfg_f = launch.select_config(cell, "forward", dname, H, B, x.device, config, proj)
-    cfg_b = launch.select_config(cell, "backward", dname, H, B, x.device, backward_config, proj)
     # Inference (no gradient needed) skips writing the activations the backward reads.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    meta = (cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad, pairs)
+    meta = (cell, reverse, lengths, bsz, config, backward_config, mode, needs_grad, pairs)
     res = RecurrenceFunction.apply(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta)
     if c0 is None:
         return res[0], res[1], None
@@ -222,12 +215,11 @@ def _view_leaves(*tensors):
 
 
 def _overlaps(x: Tensor, n_directions: int, overlap_directions: bool) -> bool:
-    """Whether :func:`triton_directions` runs the two directions on two streams."""
+    """Whether :func:`triton_directions` runs the two directions on two streams (eagerly)."""
     return (n_directions == 2 and bool(overlap_directions) and x.device.type == "cuda"
-            and x.shape[1] > 0)
+            and x.shape[1] > 0 and not torch.compiler.is_compiling())
 
 
-@torch.compiler.disable
 def triton_directions(cell: str, x: Tensor, directions: list, *,
                       lengths: Optional[Tensor] = None, overlap_directions: bool = True,
                       **options) -> list:
@@ -240,7 +232,8 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     direction's grid often leaves most SMs idle at small batch sizes. Two
     barrier grids that cannot be resident together run one after the other
     (:class:`~triton_rnn.kernels.launch.DirectionPair`).
-    ``overlap_directions=False`` runs them one after the other on the current stream.
+    ``overlap_directions=False``, or tracing by ``torch.compile``, runs them one
+    after the other on the current stream.
     """
     x = x.contiguous()  # once for both directions (batch-first input is a transposed view)
 
