@@ -295,9 +295,11 @@ def test_autocast_like_torch():
     torch.testing.assert_close(b.float(), a.float(), atol=1e-2, rtol=1e-2)
 
 
-def test_torch_compile_on_gpu():
+def test_torch_compile_on_gpu(monkeypatch):
     """Inductor compiles the whole model into one graph, the kernels as custom ops
     (``allow_rnn`` lets Dynamo trace into RNN modules), with eager's values and gradients."""
+    from triton_rnn.kernels import launch
+
     torch._dynamo.reset()
     torch.manual_seed(0)
     rnn = triton_rnn.GRU(64, 256, bidirectional=True, backend="triton", device="cuda")
@@ -309,8 +311,13 @@ def test_torch_compile_on_gpu():
     x = torch.randn(32, 16, 64, device="cuda")
     eager = model(x)
     expected = torch.autograd.grad(eager, list(rnn.parameters()))
+    launches = []
+    real = launch.forward
+    monkeypatch.setattr(launch, "forward",
+                        lambda *a, **kw: launches.append(a[0]) or real(*a, **kw))
     with torch._dynamo.config.patch(allow_rnn=True):
         got = torch.compile(model, fullgraph=True)(x)
+    assert launches == ["gru", "gru"]  # the kernels ran (not torch's RNN), one per direction
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     for g, e in zip(torch.autograd.grad(got, list(rnn.parameters())), expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)

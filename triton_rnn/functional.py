@@ -57,6 +57,12 @@ def cell_name(mode: str) -> str:
 
 
 def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing (not ``torch.compile``)."""
+    # torch.compiler.is_exporting() returns this flag, but Dynamo in torch 2.11 folds the
+    # call to True in every trace, torch.compile's included; the flag itself it reads as is.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting and is_exporting())
 

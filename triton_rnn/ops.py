@@ -20,7 +20,7 @@ here turn them back into ``None``.
 
 from __future__ import annotations
 
-from dataclasses import astuple
+from dataclasses import fields
 from typing import List, Optional, Tuple
 
 import torch
@@ -65,7 +65,8 @@ def _config(fields: Optional[List[int]]) -> Optional[KernelConfig]:
 
 
 def _fields(config: Optional[KernelConfig]) -> Optional[List[int]]:
-    return list(astuple(config)) if config is not None else None
+    # Not dataclasses.astuple: it deep-copies, which Dynamo in torch 2.11 cannot trace.
+    return [getattr(config, f.name) for f in fields(config)] if config is not None else None
 
 
 def _filled(outs: tuple, like: Tensor) -> Tuple[Tensor, ...]:
