@@ -108,6 +108,26 @@ def test_fullgraph_compile_under_no_grad_saves_nothing(monkeypatch):
     assert saves == [False, False]
 
 
+def test_new_lengths_and_batch_sizes_do_not_recompile_each_time():
+    """After one recompile each, Dynamo marks the length and the batch dynamic: the fake
+    implementations take symbolic shapes, and later shapes reuse the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    rnn = triton_rnn.GRU(5, 6, backend="triton")
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(lambda x: rnn(x)[0].square().sum(), backend=counter,
+                                 fullgraph=True)
+        frames = []
+        for T, B in [(4, 2), (6, 2), (7, 3), (3, 5)]:
+            x = torch.randn(T, B, 5, requires_grad=True)
+            _grads_match(compiled, lambda x: rnn(x)[0].square().sum(), x, [x, rnn.weight_hh_l0])
+            frames.append(counter.frame_count)
+    assert frames == [1, 2, 3, 3]
+
+
 @pytest.mark.parametrize("cell,packed,reverse,proj", [
     ("gru", False, False, 0),
     ("gru", True, True, 0),
