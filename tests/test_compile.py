@@ -64,8 +64,9 @@ def test_module_call_is_a_graph_break_by_default():
                                                                   block_k=4)})),
 ])
 def test_fullgraph_compile_runs_the_kernels_as_custom_ops(kind, kwargs):
-    """One graph for the whole model: the recurrence is the custom ops, forward and backward,
-    with the same values and gradients as eager (forced tile configs reach the ops too)."""
+    """One graph for the whole model: the recurrence is the custom ops, forward and backward
+    (both directions of a layer in one op), with the same values and gradients as eager
+    (forced tile configs reach the ops too)."""
     torch._dynamo.reset()
     torch.manual_seed(1)
     kernel_options = kwargs.pop("kernel_options", None)
@@ -85,8 +86,50 @@ def test_fullgraph_compile_runs_the_kernels_as_custom_ops(kind, kwargs):
     with torch._dynamo.config.patch(allow_rnn=True):
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         _grads_match(compiled, model, x, [x, *rnn.parameters()])
-    layers_x_directions = rnn.num_layers * (2 if rnn.bidirectional else 1)
-    assert [seen.count(op) for op in OPS] == [layers_x_directions] * 2
+    # One op per layer and pass, whether it has one direction or two.
+    assert [seen.count(op) for op in OPS] == [rnn.num_layers] * 2
+
+
+def test_compiled_bidirectional_layer_overlaps_its_directions(monkeypatch):
+    """Compiled, a bidirectional layer is one op per pass, which runs the reverse direction
+    on a side stream (stand-in streams here), forward and backward, as eager does."""
+    from test_kernels_interpret import _FakeCuda
+
+    from triton_rnn import ops
+    from triton_rnn.kernels import launch
+
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    rnn = triton_rnn.GRU(5, 6, bidirectional=True, backend="triton")
+    model = _model(rnn)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    params = [x, *rnn.parameters()]
+    eager = model(x)
+    expected = torch.autograd.grad(eager, params)
+
+    fake, recorded, launched = _FakeCuda(), [], []
+    monkeypatch.setattr(ops, "_streams_on", lambda device: True)
+    monkeypatch.setattr(ops, "_side_streams", {})
+    for name in ("current_stream", "current_device", "Stream", "stream", "Event",
+                 "is_current_stream_capturing"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, s: recorded.append(s.name), raising=False)
+    for name, reverse_at in (("forward", 8), ("backward", 11)):
+        real = getattr(launch, name)
+        monkeypatch.setattr(launch, name, lambda *a, _n=name, _r=real, _i=reverse_at, **kw:
+                            launched.append((_n, a[_i], fake.current)) or _r(*a, **kw))
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    grads = torch.autograd.grad(got, params)
+    assert launched == [("forward", False, "main"), ("forward", True, "side"),
+                        ("backward", False, "main"), ("backward", True, "side")]
+    assert fake.log.count(("wait_stream", "side", "main")) == 2
+    assert fake.log.count(("wait_stream", "main", "side")) == 2
+    assert {"main", "side"} <= set(recorded)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
 
 
 def test_fullgraph_compile_under_no_grad_saves_nothing(monkeypatch):
@@ -128,31 +171,40 @@ def test_new_lengths_and_batch_sizes_do_not_recompile_each_time():
     assert frames == [1, 2, 3, 3]
 
 
-@pytest.mark.parametrize("cell,packed,reverse,proj", [
-    ("gru", False, False, 0),
-    ("gru", True, True, 0),
-    ("lstm", True, False, 0),
-    ("lstm", False, True, 3),
+@pytest.mark.parametrize("cell,packed,proj,reverses", [
+    ("gru", False, 0, (False,)),
+    ("gru", True, 0, (False, True)),
+    ("lstm", True, 0, (True,)),
+    ("lstm", False, 3, (False, True)),
 ])
-def test_custom_ops_pass_opcheck(cell, packed, reverse, proj):
-    """Schema, fake (shape-only) implementations and AOT tracing agree with the real ops:
-    every output is fully written, padding included (it is zeroed)."""
+def test_custom_ops_pass_opcheck(cell, packed, proj, reverses):
+    """Schema, fake (shape-only) implementations and AOT tracing agree with the real ops,
+    for one direction and for a layer's two: every output is fully written, padding
+    included (it is zeroed)."""
     torch.manual_seed(3)
     T, B, H = 4, 3, 8
     G = {"gru": 3, "lstm": 4}[cell]
     R = proj or H
-    xg, w_hh = torch.randn(T, B, G * H), torch.randn(G * H, R) * 0.3
-    h0, c0 = torch.randn(B, R), (torch.randn(B, H) if cell == "lstm" else None)
-    b_hn = torch.randn(H) if cell == "gru" else None
-    w_hr = torch.randn(R, H) * 0.3 if proj else None
+
+    def each(make):
+        return [make() for _ in reverses]
+
+    xg, w_hh = each(lambda: torch.randn(T, B, G * H)), each(lambda: torch.randn(G * H, R) * 0.3)
+    h0 = each(lambda: torch.randn(B, R))
+    c0 = each(lambda: torch.randn(B, H) if cell == "lstm" else None)
+    b_hn = each(lambda: torch.randn(H) if cell == "gru" else None)
+    w_hr = each(lambda: torch.randn(R, H) * 0.3 if proj else None)
     lengths = bsz = None
     if packed:
         lengths = torch.tensor([4, 3, 1])
         bsz = (lengths.view(1, -1) > torch.arange(T).view(-1, 1)).sum(1).to(torch.int32)
-    args = (cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, bsz, reverse, "auto", None, None, True)
+    args = (cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, bsz, list(reverses), "auto", None, None,
+            True, True)
     torch.library.opcheck(torch.ops.triton_rnn.recurrence_forward, args)
-    hbuf, _, cseq, saved, _ = torch.ops.triton_rnn.recurrence_forward(*args)
-    dc_n = torch.randn(B, H) if cell == "lstm" else None
-    bargs = (cell, torch.randn(T, B, R), torch.randn(B, R), dc_n, w_hh, hbuf, h0, c0,
-             cseq if cell == "lstm" else None, saved, w_hr, bsz, reverse, "auto", None)
+    flat = torch.ops.triton_rnn.recurrence_forward(*args)
+    assert len(flat) == 5 * len(reverses)
+    cseq = flat[2::5] if cell == "lstm" else each(lambda: None)
+    bargs = (cell, each(lambda: torch.randn(T, B, R)), each(lambda: torch.randn(B, R)),
+             each(lambda: torch.randn(B, H) if cell == "lstm" else None), w_hh, flat[0::5], h0,
+             c0, cseq, flat[3::5], w_hr, bsz, list(reverses), "auto", None, True)
     torch.library.opcheck(torch.ops.triton_rnn.recurrence_backward, bargs)

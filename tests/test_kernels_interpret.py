@@ -347,14 +347,14 @@ def test_bidirectional_two_stream_path(monkeypatch, poison_empty, kind, tiling):
     """The GPU path that overlaps a layer's directions on two streams, on fake streams here:
     same values and gradients, the reverse direction launched inside the side stream, and
     the streams joined and tensors recorded for the caching allocator."""
-    from triton_rnn import autograd
+    from triton_rnn import autograd, ops
 
     from triton_rnn.kernels import launch
 
     fake = _FakeCuda()
     recorded, launched = [], []
     monkeypatch.setattr(autograd, "_overlaps", lambda *a: True)
-    monkeypatch.setattr(autograd, "_side_streams", {})
+    monkeypatch.setattr(ops, "_side_streams", {})
     for name in ("current_stream", "current_device", "Stream", "stream", "Event",
                  "is_current_stream_capturing"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))

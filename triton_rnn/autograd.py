@@ -1,8 +1,9 @@
-"""Autograd for one (layer, direction) on the Triton kernels.
+"""Autograd for the directions of one layer on the Triton kernels.
 
-:func:`triton_sequence` is the Triton implementation of the sequence function
-that :mod:`triton_rnn.functional` calls (same signature as
-:func:`triton_rnn.functional.reference_sequence`).
+:func:`triton_directions` is the Triton implementation of the per-layer
+function that :mod:`triton_rnn.functional` calls; :func:`triton_sequence` runs
+one (layer, direction), with the signature of
+:func:`triton_rnn.functional.reference_sequence`.
 
 Forward: the input projection for all timesteps is one matrix product
 (``x @ W_ih^T`` plus every bias that can be fused), then the persistent
@@ -61,8 +62,18 @@ def _rows_at(t_index: Tensor):
     return t_index, torch.arange(t_index.numel(), device=t_index.device)
 
 
+#: Tensors per direction that :class:`RecurrenceFunction` takes, in this order.
+_PER_DIRECTION = ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+#: And keeps for the backward (after the input, which the directions share).
+_SAVED_PER_DIRECTION = 10
+
+
 class RecurrenceFunction(torch.autograd.Function):
-    """One (layer, direction) of a cell; see the module docstring.
+    """The directions of one layer that run together: one, or (under ``torch.compile``)
+    both of a bidirectional layer, as one pair of kernel ops; see the module docstring.
+
+    ``apply(x, meta, *tensors)`` with :data:`_PER_DIRECTION` tensors per direction;
+    returns ``out, h_n`` (and ``c_n`` for LSTM) per direction, flat.
 
     LSTM projections (``w_hr``, ``h_t = W_hr m_t`` with ``m_t = o * tanh(c_t)``)
     run inside the kernel as a second phase of every step, with ``W_hr`` on-chip
@@ -72,93 +83,130 @@ class RecurrenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta):
-        cell, reverse, lengths, bsz, cfg_f, cfg_b, mode, needs_grad, pairs = meta
+    def forward(ctx, x, meta, *tensors):
+        cell, reverses, lengths, bsz, cfg_f, cfg_b, mode, needs_grad, pairs, overlap = meta
+        spec = CELL_SPECS[cell]
         T, B, I = x.shape
-        H = w_hh.shape[0] // CELL_SPECS[cell].gates
-        fused, b_hn = _fused_bias(cell, b_ih, b_hh, H)
         x2 = x.reshape(T * B, I)
-        xg = (torch.addmm(fused, x2, w_ih.t()) if fused is not None else x2 @ w_ih.t())
-        xg = xg.view(T, B, -1)
-        w_hr_k = w_hr.contiguous() if w_hr is not None else None
-        hbuf, hst, cseq, saved, mbuf = ops.recurrence_forward(
-            cell, xg, w_hh.contiguous(), b_hn, h0.contiguous(),
-            c0.contiguous() if c0 is not None else None, w_hr_k, lengths, bsz, reverse=reverse,
-            mode=mode, config=cfg_f, backward_config=cfg_b, save=needs_grad,
+        n = len(_PER_DIRECTION)
+        dirs = [tensors[d * n:(d + 1) * n] for d in range(len(reverses))]
+        xgs, b_hns = [], []
+        for h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr in dirs:
+            fused, b_hn = _fused_bias(cell, b_ih, b_hh, w_hh.shape[0] // spec.gates)
+            xg = torch.addmm(fused, x2, w_ih.t()) if fused is not None else x2 @ w_ih.t()
+            xgs.append(xg.view(T, B, -1))
+            b_hns.append(b_hn)
+        runs = ops.recurrence_forward(
+            cell, xgs, [d[3].contiguous() for d in dirs], b_hns,
+            [d[0].contiguous() for d in dirs], [_contiguous(d[1]) for d in dirs],
+            [_contiguous(d[6]) for d in dirs], lengths, bsz, reverse=list(reverses), mode=mode,
+            config=cfg_f, backward_config=cfg_b, save=needs_grad, overlap=overlap,
             pair=pairs and pairs[0])
-        out = launch.output_view(hbuf, reverse)
-        last = _rows_at(_last_step(T, B, lengths, reverse, x.device))
-        # With a projection, h_n is each row's last output (the kernel keeps m, not h, in fp32).
-        h_n = hst.to(x.dtype) if w_hr is None else out[last]
-        c_n = None
-        if cseq is not None:
-            c_n = cseq[last].to(x.dtype)
+        outputs, to_save = [], [x]
+        for (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), reverse, run in zip(dirs, reverses, runs):
+            hbuf, hst, cseq, saved, mbuf = run
+            out = launch.output_view(hbuf, reverse)
+            last = _rows_at(_last_step(T, B, lengths, reverse, x.device))
+            # With a projection, h_n is each row's last output (the kernel keeps m, not h,
+            # in fp32).
+            outputs += [out, hst.to(x.dtype) if w_hr is None else out[last]]
+            if cseq is not None:
+                outputs.append(cseq[last].to(x.dtype))
+            to_save += [h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf]
         ctx.meta = meta
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf)
-        if c_n is None:
-            return out, h_n
-        return out, h_n, c_n
+        ctx.save_for_backward(*to_save)
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, dout, dh_n, dc_n=None):
+    def backward(ctx, *grads):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "triton_rnn: double backward (create_graph=True) through the Triton RNN kernels "
                 "is not supported; use backend='torch' for higher-order gradients.")
         with torch.no_grad():
-            return RecurrenceFunction._backward(ctx, dout, dh_n, dc_n)
+            return RecurrenceFunction._backward(ctx, grads)
 
     @staticmethod
-    def _backward(ctx, dout, dh_n, dc_n):
-        cell, reverse, lengths, bsz, _, cfg_b, mode, _, pairs = ctx.meta
-        x, h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf = ctx.saved_tensors
+    def _backward(ctx, grads):
+        cell, reverses, lengths, bsz, _, cfg_b, mode, _, pairs, overlap = ctx.meta
+        x, *rest = ctx.saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
-        H = w_hh.shape[0] // spec.gates
-        R = w_hh.shape[1]  # the recurrent width: H, or the projection size
         dev = x.device
-        dout = torch.zeros(T, B, R, dtype=x.dtype, device=dev) if dout is None else dout
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-        if spec.has_c:
-            dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-        dgh, dxn, dhst, dcst, dhseq = ops.recurrence_backward(
-            cell, dout.contiguous(), dh_n.contiguous(), dc_n, w_hh.contiguous(), hbuf,
-            h0.contiguous(), c0.contiguous() if c0 is not None else None, cseq, saved,
-            w_hr.contiguous() if w_hr is not None else None, bsz, reverse=reverse, mode=mode,
-            config=cfg_b, pair=pairs and pairs[1])
-        dgx = dgh if dxn is None else torch.cat([dgh[..., :-H], dxn], dim=-1)
-        dgh2, dgx2, x2 = dgh.reshape(T * B, -1), dgx.reshape(T * B, -1), x.reshape(T * B, I)
-        first = _rows_at(_first_step(T, B, lengths, reverse, dev))
-        dg_first = dgh[first]
+        n_out = 3 if spec.has_c else 2
+        dirs = [rest[d * _SAVED_PER_DIRECTION:(d + 1) * _SAVED_PER_DIRECTION]
+                for d in range(len(reverses))]
+        douts, dh_ns, dc_ns = [], [], []
+        for d, (h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf) in enumerate(dirs):
+            dout, dh_n, *dc = grads[d * n_out:(d + 1) * n_out]
+            R = w_hh.shape[1]  # the recurrent width: H, or the projection size
+            douts.append(torch.zeros(T, B, R, dtype=x.dtype, device=dev) if dout is None
+                         else dout.contiguous())
+            dh_ns.append(torch.zeros_like(h0) if dh_n is None else dh_n.contiguous())
+            dc_ns.append(None if not spec.has_c else
+                         torch.zeros_like(c0) if dc[0] is None else dc[0].contiguous())
+        runs = ops.recurrence_backward(
+            cell, douts, dh_ns, dc_ns, [d[3].contiguous() for d in dirs], [d[6] for d in dirs],
+            [d[0].contiguous() for d in dirs], [_contiguous(d[1]) for d in dirs],
+            [d[7] for d in dirs], [d[8] for d in dirs], [_contiguous(d[5]) for d in dirs], bsz,
+            reverse=list(reverses), mode=mode, config=cfg_b, overlap=overlap,
+            pair=pairs and pairs[1])
+        dx, out = None, []
+        n = len(_PER_DIRECTION)
+        for d, (saved_d, reverse, run) in enumerate(zip(dirs, reverses, runs)):
+            need = ctx.needs_input_grad[2 + d * n:2 + (d + 1) * n]
+            dx_d, *grads_d = _direction_grads(cell, x, saved_d, run, reverse, lengths,
+                                              ctx.needs_input_grad[0], need)
+            dx = dx_d if dx is None else dx + dx_d
+            out += grads_d
+        return (dx, None, *out)
 
-        need = ctx.needs_input_grad
-        dx = (dgx2 @ w_ih).view(T, B, I) if need[0] else None
-        dw_ih = dgx2.t() @ x2 if need[3] else None
-        # Bias gradients accumulate in fp32 without an fp32 copy of the gate gradients;
-        # without GRU's split n gate, db_ih and db_hh are the same sum.
-        db_ih = dgx2.sum(0, dtype=torch.float32).to(x.dtype) if need[5] else None
-        db_hh = None
-        if need[6]:
-            db_hh = db_ih.clone() if db_ih is not None and dxn is None else \
-                dgh2.sum(0, dtype=torch.float32).to(x.dtype)
-        dw_hh = dw_hr = None
-        if need[4]:
-            # The hidden state before every step; packed reverse rows start at their own
-            # last step, where it is h0.
-            prev = launch.hidden_before_view(hbuf, reverse)
-            if reverse and lengths is not None:
-                prev = prev.clone()
-                prev[first] = h0
-            dw_hh = dgh2.t() @ prev.reshape(T * B, R)
-        if need[7]:
-            dw_hr = dhseq.reshape(T * B, R).t() @ mbuf.reshape(T * B, H)
-        dh0 = dc0 = None
-        if need[1]:
-            dh0 = dg_first @ w_hh
-            dh0 = dh0 if w_hr is not None else (dhst + dh0.float()).to(x.dtype)
-        if spec.has_c and need[2]:
-            dc0 = dcst.to(x.dtype)
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def _direction_grads(cell: str, x: Tensor, saved_d: tuple, run: tuple, reverse: bool,
+                     lengths: Optional[Tensor], need_x: bool, need: tuple) -> tuple:
+    """One direction's ``dx`` and the gradients of its :data:`_PER_DIRECTION` tensors, from
+    the backward kernel's outputs ``run`` (``need``: which of those are wanted)."""
+    h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf = saved_d
+    dgh, dxn, dhst, dcst, dhseq = run
+    spec = CELL_SPECS[cell]
+    T, B, I = x.shape
+    H = w_hh.shape[0] // spec.gates
+    R = w_hh.shape[1]
+    dgx = dgh if dxn is None else torch.cat([dgh[..., :-H], dxn], dim=-1)
+    dgh2, dgx2, x2 = dgh.reshape(T * B, -1), dgx.reshape(T * B, -1), x.reshape(T * B, I)
+    first = _rows_at(_first_step(T, B, lengths, reverse, x.device))
+
+    dx = (dgx2 @ w_ih).view(T, B, I) if need_x else None
+    dw_ih = dgx2.t() @ x2 if need[2] else None
+    # Bias gradients accumulate in fp32 without an fp32 copy of the gate gradients;
+    # without GRU's split n gate, db_ih and db_hh are the same sum.
+    db_ih = dgx2.sum(0, dtype=torch.float32).to(x.dtype) if need[4] else None
+    db_hh = None
+    if need[5]:
+        db_hh = db_ih.clone() if db_ih is not None and dxn is None else \
+            dgh2.sum(0, dtype=torch.float32).to(x.dtype)
+    dw_hh = dw_hr = None
+    if need[3]:
+        # The hidden state before every step; packed reverse rows start at their own
+        # last step, where it is h0.
+        prev = launch.hidden_before_view(hbuf, reverse)
+        if reverse and lengths is not None:
+            prev = prev.clone()
+            prev[first] = h0
+        dw_hh = dgh2.t() @ prev.reshape(T * B, R)
+    if need[6]:
+        dw_hr = dhseq.reshape(T * B, R).t() @ mbuf.reshape(T * B, H)
+    dh0 = dc0 = None
+    if need[0]:
+        dh0 = dgh[first] @ w_hh
+        dh0 = dh0 if w_hr is not None else (dhst + dh0.float()).to(x.dtype)
+    if spec.has_c and need[1]:
+        dc0 = dcst.to(x.dtype)
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
 
 
 def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor,
@@ -176,36 +224,40 @@ def triton_sequence(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih
     is set by :func:`triton_directions` when the other direction runs on another stream.
     Under ``torch.compile`` the kernels are custom ops (:mod:`triton_rnn.ops`).
     """
+    return _layer(cell, x, [(h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)], [reverse], lengths, mode,
+                  config, backward_config, pairs, overlap=False)[0]
+
+
+def _layer(cell: str, x: Tensor, directions: list, reverses: list, lengths: Optional[Tensor],
+           mode: str = "auto", config: Optional[KernelConfig] = None,
+           backward_config: Optional[KernelConfig] = None, pairs: Optional[tuple] = None,
+           overlap: bool = True) -> list:
+    """The given directions of one layer in one :class:`RecurrenceFunction`; a list of
+    ``(out, h_n, c_n)``. Two directions overlap on a GPU unless ``overlap`` is false."""
     T, B, _ = x.shape
     if B == 0:
         # torch returns empty outputs for an empty batch, and zero (not None) gradients
         # for every parameter: keep them all in the autograd graph.
-        zero = 0 * sum(t.sum() for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None)
-        out = x.new_zeros(T, 0, h0.shape[-1]) + zero
-        return out, h0 + zero, (c0 + zero) if c0 is not None else None
+        results = []
+        for h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr in directions:
+            zero = 0 * sum(t.sum() for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None)
+            out = x.new_zeros(T, 0, h0.shape[-1]) + zero
+            results.append((out, h0 + zero, (c0 + zero) if c0 is not None else None))
+        return results
     bsz = None
     if lengths is not None:
         steps = torch.arange(T)
         bsz = (lengths.view(1, -1) > steps.view(-1, 1)).sum(1).to(torch.int32).to(x.device)
+    tensors = [t for d in directions for t in d]
     # Inference (no gradient needed) skips writing the activations the backward reads.
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    meta = (cell, reverse, lengths, bsz, config, backward_config, mode, needs_grad, pairs)
-    res = RecurrenceFunction.apply(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, meta)
-    if c0 is None:
-        return res[0], res[1], None
-    return res
-
-
-#: One side stream per CUDA device for the reverse direction of bidirectional layers.
-_side_streams: dict = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
+        t is not None and t.requires_grad for t in (x, *tensors))
+    meta = (cell, tuple(reverses), lengths, bsz, config, backward_config, mode, needs_grad,
+            pairs, overlap)
+    res = RecurrenceFunction.apply(x.contiguous(), meta, *tensors)
+    if not CELL_SPECS[cell].has_c:
+        return [(res[2 * d], res[2 * d + 1], None) for d in range(len(directions))]
+    return [tuple(res[3 * d:3 * d + 3]) for d in range(len(directions))]
 
 
 def _view_leaves(*tensors):
@@ -215,9 +267,9 @@ def _view_leaves(*tensors):
 
 
 def _overlaps(x: Tensor, n_directions: int, overlap_directions: bool) -> bool:
-    """Whether :func:`triton_directions` runs the two directions on two streams (eagerly)."""
+    """Whether :func:`triton_directions` runs the two directions on two streams, eagerly."""
     return (n_directions == 2 and bool(overlap_directions) and x.device.type == "cuda"
-            and x.shape[1] > 0 and not torch.compiler.is_compiling())
+            and x.shape[1] > 0)
 
 
 def triton_directions(cell: str, x: Tensor, directions: list, *,
@@ -232,10 +284,15 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     direction's grid often leaves most SMs idle at small batch sizes. Two
     barrier grids that cannot be resident together run one after the other
     (:class:`~triton_rnn.kernels.launch.DirectionPair`).
-    ``overlap_directions=False``, or tracing by ``torch.compile``, runs them one
-    after the other on the current stream.
+    ``overlap_directions=False`` runs them one after the other on the current stream.
+    Eagerly each direction is its own autograd node, and the autograd engine runs
+    the reverse one's backward on the side stream too; under ``torch.compile`` both
+    are one node whose kernel ops overlap them (:mod:`triton_rnn.ops`).
     """
     x = x.contiguous()  # once for both directions (batch-first input is a transposed view)
+    if torch.compiler.is_compiling() and len(directions) == 2:
+        return _layer(cell, x, directions, [False, True], lengths,
+                      overlap=bool(overlap_directions), **options)
 
     def run(d, x_d, args, pairs=None):
         return triton_sequence(cell, x_d, *args, reverse=(d == 1), lengths=lengths,
@@ -244,26 +301,12 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
     if not _overlaps(x, len(directions), overlap_directions):
         return [run(d, x, args) for d, args in enumerate(directions)]
     pairs = (launch.DirectionPair(), launch.DirectionPair())
-    main = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device)
     # A leaf's gradient is accumulated on the stream its AccumulateGrad node was created
     # on (main: at an earlier use, or by DDP at set-up). The reverse direction produces
     # its gradients on the side stream, so it reads leaves through views made here, on
     # main: their backward, on main, hands the gradient over. (Otherwise torch warns of
-    # a stream mismatch, and a CUDA graph capture can break.)
+    # a stream mismatch, and a CUDA graph capture can break.) The side stream also keeps
+    # the input, saved for the backward, which runs there too.
     x_rev, *rev = _view_leaves(x, *directions[1])
-    side.wait_stream(main)  # the input and states are ready
-    first = run(0, x, directions[0], pairs)
-    with torch.cuda.stream(side):
-        second = run(1, x_rev, rev, pairs)
-    main.wait_stream(side)
-    # The caching allocator reuses a freed block on the stream that allocated it. The
-    # side stream reads tensors from the main one (the input, saved for the backward,
-    # which also runs on the side stream) and returns tensors allocated on it.
-    for t in (x_rev, *rev):
-        if t is not None:
-            t.record_stream(side)
-    for t in second:
-        if t is not None:
-            t.record_stream(main)
-    return [first, second]
+    return list(ops.on_two_streams(x.device, lambda: run(0, x, directions[0], pairs),
+                                   lambda: run(1, x_rev, rev, pairs), (x_rev, *rev)))

@@ -1,9 +1,11 @@
 """The recurrent kernels as ``torch.library`` custom ops, for ``torch.compile``.
 
-:func:`recurrence_forward` and :func:`recurrence_backward` run one (layer,
-direction) of the launcher (:func:`triton_rnn.kernels.launch.forward` and
-``backward``) with the tile config the launcher would pick: the forced one,
-else the tuned cache entry, else the default. Called eagerly they are plain
+:func:`recurrence_forward` and :func:`recurrence_backward` run the directions
+of one layer that go together (one, or both of a bidirectional layer) through
+the launcher (:func:`triton_rnn.kernels.launch.forward` and ``backward``), each
+with the tile config the launcher would pick: the forced one, else the tuned
+cache entry, else the default. Both directions of a layer on a GPU run on two
+CUDA streams at once (:func:`on_two_streams`). Called eagerly these are plain
 calls into the launcher. While ``torch.compile`` traces, they go through the
 custom ops ``triton_rnn::recurrence_forward`` and
 ``triton_rnn::recurrence_backward``: opaque nodes of the graph with shape-only
@@ -14,14 +16,15 @@ products that the compiler sees. (Dynamo itself does not trace into
 ``torch._dynamo.config.allow_rnn`` is set; :func:`triton_rnn.functional.rnn`
 it traces as it is.)
 
-The ops return empty tensors where the launcher returns ``None``; the wrappers
-here turn them back into ``None``.
+Arguments are lists with one entry per direction; the ops return the
+launcher's five tensors per direction, flat, with an empty tensor where the
+launcher returns ``None``; the wrappers here turn them back into ``None``.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +33,57 @@ from .kernels import launch
 from .kernels.cells import CELL_SPECS
 from .kernels.config import KernelConfig
 
-__all__ = ["recurrence_forward", "recurrence_backward"]
+__all__ = ["recurrence_forward", "recurrence_backward", "on_two_streams"]
+
+#: One side stream per CUDA device for the reverse direction of bidirectional layers.
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+def on_two_streams(device: torch.device, first: Callable, second: Callable,
+                   second_reads: Sequence[Optional[Tensor]]):
+    """``(first(), second())``, the first on the current stream and the second on a side
+    stream, at once; the current stream then waits for both.
+
+    ``second_reads``: the tensors made on the current stream that ``second`` reads. The
+    caching allocator reuses a freed block on the stream that allocated it, so these
+    are recorded on the side stream, and what ``second`` returns (a tensor or a
+    sequence of them, allocated on the side stream) on the current one.
+    """
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)  # the inputs are ready
+    a = first()
+    with torch.cuda.stream(side):
+        b = second()
+    main.wait_stream(side)
+    for t in second_reads:
+        if t is not None:
+            t.record_stream(side)
+    for t in ([b] if isinstance(b, Tensor) else b):
+        if t is not None:
+            t.record_stream(main)
+    return a, b
+
+
+def _streams_on(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _each_direction(run: Callable, reads: Callable, n: int, device: torch.device,
+                    overlap: bool, pair: Optional[launch.DirectionPair]) -> list:
+    """``[run(d, pair) for d in range(n)]``; two directions on a GPU overlap on two streams."""
+    if n == 2 and overlap and _streams_on(device):
+        pair = launch.DirectionPair()
+        return list(on_two_streams(device, lambda: run(0, pair), lambda: run(1, pair),
+                                   reads(1)))
+    return [run(d, pair) for d in range(n)]
 
 
 def _proj(w_hr: Optional[Tensor]) -> int:
@@ -39,25 +92,42 @@ def _proj(w_hr: Optional[Tensor]) -> int:
 
 def _run_forward(cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes, reverse, mode,
                  config: Optional[KernelConfig], backward_config: Optional[KernelConfig], save,
-                 pair=None):
-    T, B, GH = xg.shape
-    H, proj = GH // CELL_SPECS[cell].gates, _proj(w_hr)
-    cfg = launch.select_config(cell, "forward", xg.dtype, H, B, xg.device, config, proj)
-    if save:
-        # The backward's tile is settled here, where TRITON_RNN_AUTOTUNE=1 may tune it,
-        # rather than inside the backward pass (its lookup then hits the memo).
-        launch.select_config(cell, "backward", xg.dtype, H, B, xg.device, backward_config, proj)
-    return launch.forward(cell, xg, w_hh, b_hn, h0, c0, lengths, batch_sizes, reverse, cfg,
-                          mode, save=save, pair=pair, w_hr=w_hr)
+                 overlap, pair=None) -> list:
+    def run(d, pair):
+        T, B, GH = xg[d].shape
+        H, proj = GH // CELL_SPECS[cell].gates, _proj(w_hr[d])
+        cfg = launch.select_config(cell, "forward", xg[d].dtype, H, B, xg[d].device, config,
+                                   proj)
+        if save:
+            # The backward's tile is settled here, where TRITON_RNN_AUTOTUNE=1 may tune it,
+            # rather than inside the backward pass (its lookup then hits the memo).
+            launch.select_config(cell, "backward", xg[d].dtype, H, B, xg[d].device,
+                                 backward_config, proj)
+        return launch.forward(cell, xg[d], w_hh[d], b_hn[d], h0[d], c0[d], lengths,
+                              batch_sizes, reverse[d], cfg, mode, save=save, pair=pair,
+                              w_hr=w_hr[d])
+
+    def reads(d):
+        return (xg[d], w_hh[d], b_hn[d], h0[d], c0[d], w_hr[d], batch_sizes)
+
+    return _each_direction(run, reads, len(xg), xg[0].device, overlap, pair)
 
 
 def _run_backward(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr, batch_sizes,
-                  reverse, mode, config: Optional[KernelConfig], pair=None):
-    H = w_hh.shape[0] // CELL_SPECS[cell].gates
-    cfg = launch.select_config(cell, "backward", hbuf.dtype, H, dout.shape[1], dout.device,
-                               config, _proj(w_hr))
-    return launch.backward(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, batch_sizes,
-                           reverse, cfg, mode, pair=pair, w_hr=w_hr)
+                  reverse, mode, config: Optional[KernelConfig], overlap, pair=None) -> list:
+    def run(d, pair):
+        H = w_hh[d].shape[0] // CELL_SPECS[cell].gates
+        cfg = launch.select_config(cell, "backward", hbuf[d].dtype, H, dout[d].shape[1],
+                                   dout[d].device, config, _proj(w_hr[d]))
+        return launch.backward(cell, dout[d], dh_n[d], dc_n[d], w_hh[d], hbuf[d], h0[d], c0[d],
+                               cseq[d], saved[d], batch_sizes, reverse[d], cfg, mode, pair=pair,
+                               w_hr=w_hr[d])
+
+    def reads(d):
+        return (dout[d], dh_n[d], dc_n[d], w_hh[d], hbuf[d], h0[d], c0[d], cseq[d], saved[d],
+                w_hr[d], batch_sizes)
+
+    return _each_direction(run, reads, len(dout), dout[0].device, overlap, pair)
 
 
 def _config(fields: Optional[List[int]]) -> Optional[KernelConfig]:
@@ -69,91 +139,104 @@ def _fields(config: Optional[KernelConfig]) -> Optional[List[int]]:
     return [getattr(config, f.name) for f in fields(config)] if config is not None else None
 
 
-def _filled(outs: tuple, like: Tensor) -> Tuple[Tensor, ...]:
-    """A custom op returns tensors: an empty one for each ``None``."""
-    return tuple(like.new_empty(0) if t is None else t for t in outs)
+def _filled(runs: list, like: Tensor) -> List[Tensor]:
+    """A custom op returns tensors: every direction's, flat, an empty one for each ``None``."""
+    return [like.new_empty(0) if t is None else t for outs in runs for t in outs]
 
 
-def _nones(outs: tuple, present: tuple) -> tuple:
-    """Back from :func:`_filled`: ``None`` where ``present`` says the launcher gives none."""
-    return tuple(t if p else None for t, p in zip(outs, present))
+def _nones(flat: Sequence[Tensor], present: Callable) -> list:
+    """Back from :func:`_filled`: five tensors per direction, ``None`` where
+    ``present(d)`` says the launcher gives none."""
+    return [tuple(t if p else None for t, p in zip(flat[5 * d:5 * d + 5], present(d)))
+            for d in range(len(flat) // 5)]
 
 
 @torch.library.custom_op("triton_rnn::recurrence_forward", mutates_args=())
-def _forward_op(cell: str, xg: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Tensor,
-                c0: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-                batch_sizes: Optional[Tensor], reverse: bool, mode: str,
-                config: Optional[List[int]], backward_config: Optional[List[int]], save: bool
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_op(cell: str, xg: List[Tensor], w_hh: List[Tensor], b_hn: List[Optional[Tensor]],
+                h0: List[Tensor], c0: List[Optional[Tensor]], w_hr: List[Optional[Tensor]],
+                lengths: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: List[bool],
+                mode: str, config: Optional[List[int]], backward_config: Optional[List[int]],
+                save: bool, overlap: bool) -> List[Tensor]:
     return _filled(_run_forward(cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes,
-                                reverse, mode, _config(config), _config(backward_config), save),
-                   xg)
+                                reverse, mode, _config(config), _config(backward_config), save,
+                                overlap), xg[0])
 
 
 @_forward_op.register_fake
 def _forward_fake(cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes, reverse, mode,
-                  config, backward_config, save):
-    return _filled(launch.forward_buffers(cell, xg, w_hh, batch_sizes is not None, save, w_hr),
-                   xg)
+                  config, backward_config, save, overlap):
+    return _filled([launch.forward_buffers(cell, xg[d], w_hh[d], batch_sizes is not None, save,
+                                           w_hr[d]) for d in range(len(xg))], xg[0])
 
 
 @torch.library.custom_op("triton_rnn::recurrence_backward", mutates_args=())
-def _backward_op(cell: str, dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], w_hh: Tensor,
-                 hbuf: Tensor, h0: Tensor, c0: Optional[Tensor], cseq: Optional[Tensor],
-                 saved: Tensor, w_hr: Optional[Tensor], batch_sizes: Optional[Tensor],
-                 reverse: bool, mode: str, config: Optional[List[int]]
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_op(cell: str, dout: List[Tensor], dh_n: List[Tensor], dc_n: List[Optional[Tensor]],
+                 w_hh: List[Tensor], hbuf: List[Tensor], h0: List[Tensor],
+                 c0: List[Optional[Tensor]], cseq: List[Optional[Tensor]], saved: List[Tensor],
+                 w_hr: List[Optional[Tensor]], batch_sizes: Optional[Tensor],
+                 reverse: List[bool], mode: str, config: Optional[List[int]],
+                 overlap: bool) -> List[Tensor]:
     return _filled(_run_backward(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr,
-                                 batch_sizes, reverse, mode, _config(config)), dout)
+                                 batch_sizes, reverse, mode, _config(config), overlap), dout[0])
 
 
 @_backward_op.register_fake
 def _backward_fake(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr, batch_sizes,
-                   reverse, mode, config):
-    return _filled(launch.backward_buffers(cell, dout, w_hh, hbuf.dtype, batch_sizes is not None,
-                                           w_hr), dout)
+                   reverse, mode, config, overlap):
+    return _filled([launch.backward_buffers(cell, dout[d], w_hh[d], hbuf[d].dtype,
+                                            batch_sizes is not None, w_hr[d])
+                    for d in range(len(dout))], dout[0])
 
 
-def recurrence_forward(cell: str, xg: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Tensor,
-                       c0: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-                       batch_sizes: Optional[Tensor], *, reverse: bool, mode: str = "auto",
+def recurrence_forward(cell: str, xg: List[Tensor], w_hh: List[Tensor],
+                       b_hn: List[Optional[Tensor]], h0: List[Tensor],
+                       c0: List[Optional[Tensor]], w_hr: List[Optional[Tensor]],
+                       lengths: Optional[Tensor], batch_sizes: Optional[Tensor], *,
+                       reverse: List[bool], mode: str = "auto",
                        config: Optional[KernelConfig] = None,
                        backward_config: Optional[KernelConfig] = None, save: bool = True,
-                       pair: Optional[launch.DirectionPair] = None) -> tuple:
-    """:func:`triton_rnn.kernels.launch.forward` with the launcher's config choice
-    (``config`` forces one); a custom op under ``torch.compile``.
+                       overlap: bool = True,
+                       pair: Optional[launch.DirectionPair] = None) -> list:
+    """:func:`triton_rnn.kernels.launch.forward` for each direction (a list entry each),
+    with the launcher's config choice (``config`` forces one); a custom op under
+    ``torch.compile``.
 
     With ``save`` (a backward will follow) it also settles the backward's tile
     (``backward_config`` forces it), so that ``TRITON_RNN_AUTOTUNE=1`` tunes both
-    passes here, before the forward runs. Returns ``(hbuf, h_state, cseq, saved,
-    mbuf)`` as the launcher does. ``pair`` (streams of a bidirectional layer) only
-    applies eagerly.
+    passes here, before the forward runs. Two directions on a GPU overlap unless
+    ``overlap`` is false. Returns, per direction, ``(hbuf, h_state, cseq, saved,
+    mbuf)`` as the launcher does. ``pair``: this single direction's partner runs on
+    another stream (:class:`~triton_rnn.kernels.launch.DirectionPair`; eager only).
     """
     if torch.compiler.is_compiling():
-        outs = torch.ops.triton_rnn.recurrence_forward(
+        flat = torch.ops.triton_rnn.recurrence_forward(
             cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes, reverse, mode,
-            _fields(config), _fields(backward_config), save)
-        return _nones(outs, (True, True, CELL_SPECS[cell].has_c, save, w_hr is not None))
+            _fields(config), _fields(backward_config), save, overlap)
+        return _nones(flat, lambda d: (True, True, CELL_SPECS[cell].has_c, save,
+                                       w_hr[d] is not None))
     return _run_forward(cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes, reverse, mode,
-                        config, backward_config, save, pair)
+                        config, backward_config, save, overlap, pair)
 
 
-def recurrence_backward(cell: str, dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor],
-                        w_hh: Tensor, hbuf: Tensor, h0: Tensor, c0: Optional[Tensor],
-                        cseq: Optional[Tensor], saved: Tensor, w_hr: Optional[Tensor],
-                        batch_sizes: Optional[Tensor], *, reverse: bool, mode: str = "auto",
-                        config: Optional[KernelConfig] = None,
-                        pair: Optional[launch.DirectionPair] = None) -> tuple:
-    """:func:`triton_rnn.kernels.launch.backward` with the launcher's config choice
-    (``config`` forces one); a custom op under ``torch.compile``.
+def recurrence_backward(cell: str, dout: List[Tensor], dh_n: List[Tensor],
+                        dc_n: List[Optional[Tensor]], w_hh: List[Tensor], hbuf: List[Tensor],
+                        h0: List[Tensor], c0: List[Optional[Tensor]],
+                        cseq: List[Optional[Tensor]], saved: List[Tensor],
+                        w_hr: List[Optional[Tensor]], batch_sizes: Optional[Tensor], *,
+                        reverse: List[bool], mode: str = "auto",
+                        config: Optional[KernelConfig] = None, overlap: bool = True,
+                        pair: Optional[launch.DirectionPair] = None) -> list:
+    """:func:`triton_rnn.kernels.launch.backward` for each direction, as
+    :func:`recurrence_forward`; a custom op under ``torch.compile``.
 
-    Returns ``(dgh, dxn, dh_state, dc_state, dhseq)`` as the launcher does.
+    Returns, per direction, ``(dgh, dxn, dh_state, dc_state, dhseq)`` as the launcher does.
     """
     if torch.compiler.is_compiling():
         spec = CELL_SPECS[cell]
-        outs = torch.ops.triton_rnn.recurrence_backward(
+        flat = torch.ops.triton_rnn.recurrence_backward(
             cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr, batch_sizes,
-            reverse, mode, _fields(config))
-        return _nones(outs, (True, spec.split_x_grad, True, spec.has_c, w_hr is not None))
+            reverse, mode, _fields(config), overlap)
+        return _nones(flat, lambda d: (True, spec.split_x_grad, True, spec.has_c,
+                                       w_hr[d] is not None))
     return _run_backward(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr,
-                         batch_sizes, reverse, mode, config, pair)
+                         batch_sizes, reverse, mode, config, overlap, pair)
