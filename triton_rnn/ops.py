@@ -78,7 +78,9 @@ def _streams_on(device: torch.device) -> bool:
 
 def _each_direction(run: Callable, reads: Callable, n: int, device: torch.device,
                     overlap: bool, pair: Optional[launch.DirectionPair]) -> list:
-    """``[run(d, pair) for d in range(n)]``; two directions on a GPU overlap on two streams."""
+    """``[run(d, pair) for d in range(n)]``; two directions on a GPU overlap on two streams,
+    with a :class:`~triton_rnn.kernels.launch.DirectionPair` of their own (``pair`` is the
+    eager path's, for a single direction whose partner is another call)."""
     if n == 2 and overlap and _streams_on(device):
         pair = launch.DirectionPair()
         return list(on_two_streams(device, lambda: run(0, pair), lambda: run(1, pair),
