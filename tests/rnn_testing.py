@@ -95,8 +95,9 @@ def make_inputs(case: Case, gen: torch.Generator):
     return x, hx
 
 
-def _leaves(x, hx, dtype):
-    xs = [t.detach().to(dtype).requires_grad_() for t in (x if isinstance(x, list) else [x])]
+def _leaves(x, hx, dtype, input_grad=True):
+    xs = [t.detach().to(dtype).requires_grad_(input_grad)
+          for t in (x if isinstance(x, list) else [x])]
     hs = None
     if hx is not None:
         hs = tuple(h.detach().to(dtype).requires_grad_() for h in (hx if isinstance(hx, tuple) else (hx,)))
@@ -113,12 +114,17 @@ def _run(module, case, xs, hs):
 
 
 def outputs_and_grads(case: Case, *, dtype=torch.float32, backend="triton", sequence_backend=None,
-                      kernel_options=None, seed=0, check_grads=True, device="cpu"):
+                      kernel_options=None, seed=0, check_grads=True, device="cpu",
+                      loss_on=("output", "h_n", "c_n"), input_grad=True, frozen=()):
     """Run ``case`` through triton_rnn (``dtype``) and torch.nn (float64) on the same inputs.
 
     Returns ``[(name, ours, reference, is_gradient)]``: the output, the final
     states and, with ``check_grads``, the gradients of the inputs, initial
-    states and every parameter under random cotangents on every output.
+    states and every parameter under random cotangents on the outputs named in
+    ``loss_on`` (``"output"``, ``"h_n"``, ``"c_n"``; the others get no gradient).
+    ``input_grad=False`` leaves the input without ``requires_grad``; parameters whose
+    name starts with one of ``frozen`` are frozen in both modules, and must get no
+    gradient in either.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -139,8 +145,11 @@ def outputs_and_grads(case: Case, *, dtype=torch.float32, backend="triton", sequ
     x = [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
     if hx is not None:
         hx = tuple(h.to(device) for h in hx) if isinstance(hx, tuple) else hx.to(device)
-    rx, rh = _leaves(x, hx, torch.float64)
-    tx, th = _leaves(x, hx, dtype)
+    for m in (ref, mod):
+        for name, p in m.named_parameters():
+            p.requires_grad_(not name.startswith(tuple(frozen)))
+    rx, rh = _leaves(x, hx, torch.float64, input_grad)
+    tx, th = _leaves(x, hx, dtype, input_grad)
     r_out, r_hn = _run(ref, case, rx, rh)
     t_out, t_hn = _run(mod, case, tx, th)
     assert t_out.dtype == dtype and t_out.shape == r_out.shape
@@ -150,18 +159,29 @@ def outputs_and_grads(case: Case, *, dtype=torch.float32, backend="triton", sequ
         out.append((f"final state {i}", a, b, False))
     if not check_grads:
         return out
-    # Random cotangents on every output, so each gradient path is exercised.
-    weights = [torch.randn(r_out.shape, generator=gen, dtype=torch.float64).to(device)] + [
-        torch.randn(h.shape, generator=gen, dtype=torch.float64).to(device) for h in r_hn]
-    loss_r = sum((w * o).sum() for w, o in zip(weights, [r_out] + r_hn))
-    loss_t = sum((w.to(dtype) * o).sum() for w, o in zip(weights, [t_out] + t_hn))
+    # Random cotangents on the chosen outputs (by default all, so each gradient path is
+    # exercised).
+    names = ["output", "h_n", "c_n"][:1 + len(r_hn)]
+    used = [i for i, n in enumerate(names) if n in loss_on]
+    assert used, (loss_on, names)
+    weights = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(device)
+               for r in [r_out] + r_hn]
+    loss_r = sum((weights[i] * o).sum() for i, o in enumerate([r_out] + r_hn) if i in used)
+    loss_t = sum((weights[i].to(dtype) * o).sum() for i, o in enumerate([t_out] + t_hn)
+                 if i in used)
     loss_r.backward()
     loss_t.backward()
-    out += [(f"d input {i}", a.grad, b.grad, True) for i, (a, b) in enumerate(zip(tx, rx))]
+    if input_grad:
+        out += [(f"d input {i}", a.grad, b.grad, True) for i, (a, b) in enumerate(zip(tx, rx))]
+    else:
+        assert all(a.grad is None for a in tx)
     if th is not None:
         out += [(f"d initial state {i}", a.grad, b.grad, True)
                 for i, (a, b) in enumerate(zip(th, rh))]
     for (name, p), (_, q) in zip(mod.named_parameters(), ref.named_parameters()):
+        if not p.requires_grad:
+            assert p.grad is None and q.grad is None, name
+            continue
         assert p.grad is not None, name
         out.append((f"d {name}", p.grad, q.grad, True))
     return out

@@ -275,6 +275,26 @@ def test_autotune_env_tunes_missing_shape_once(monkeypatch, fake_gpu):
     assert calls == [("lstm:forward:float16:h128:b8:sm90", 8)]
 
 
+def test_autotune_env_failed_tuning_warns_once_and_uses_the_default(monkeypatch, fake_gpu):
+    """TRITON_RNN_AUTOTUNE=1 and the tuning fails (out of memory, say): training goes on
+    with the default tile, one warning, and the shape is not tuned again at every call."""
+    from triton_rnn.autotune import tuner
+    calls = []
+
+    def failing_tune_and_store(key, **kw):
+        calls.append(str(key))
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tuner, "tune_and_store", failing_tune_and_store)
+    monkeypatch.setenv("TRITON_RNN_AUTOTUNE", "1")
+    out, w = caught(lambda: [at.lookup_config("gru", "forward", "bfloat16", 512, b, "cuda")
+                             for b in (16, 16, 13)])
+    assert out == [None, None, None]
+    assert calls == ["gru:forward:bfloat16:h512:b16:sm90"]
+    assert len(w) == 1 and "out of memory" in str(w[0].message)
+    assert "default tile" in str(w[0].message)
+
+
 def test_autotune_env_tunes_a_projection_under_its_own_key(monkeypatch, fake_gpu):
     """The on-the-fly tuning of an LSTMP: its own key, and its backward is timed with the
     forward tile tuned for the same projection (not the plain LSTM's)."""

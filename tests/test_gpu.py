@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import triton_rnn
-from rnn_testing import Case, compare
+from rnn_testing import Case, compare, compare_with_torch_low_precision
 from triton_rnn.kernels.config import KernelConfig
 
 pytestmark = pytest.mark.gpu
 
-#: Against float64, per storage dtype; fp32 runs with TF32 off (exact IEEE dots).
+#: Against float64, per storage dtype; fp32 runs with TF32 off (exact IEEE dots). bf16
+#: results are held to torch's own bf16 error instead (see ``_compare``); its entry here
+#: serves the comparison with cuDNN in fp32.
 GPU_TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=1e-2, rtol=1e-2),
@@ -26,7 +28,6 @@ GPU_TOL = {
 GPU_GRAD_TOL = {
     torch.float32: dict(atol=1e-3, rtol=1e-3),
     torch.float16: dict(atol=6e-2, rtol=6e-2),
-    torch.bfloat16: dict(atol=3e-1, rtol=1e-1),
 }
 
 
@@ -36,6 +37,16 @@ def exact_fp32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _compare(case, dtype, **kw):
+    """``case`` against float64 torch.nn on the GPU. bf16 (8 significant bits) is held to
+    within twice the error of torch's own bf16 RNN (cuDNN) on the same inputs, plus 1e-2,
+    as in the interpreter tests; fp16 and fp32 to the fixed tables above."""
+    if dtype == torch.bfloat16:
+        compare_with_torch_low_precision(case, dtype=dtype, device="cuda", floor=1e-2, **kw)
+    else:
+        compare(case, dtype=dtype, device="cuda", tolerances=(GPU_TOL, GPU_GRAD_TOL), **kw)
 
 
 def _no_fallback():
@@ -59,8 +70,7 @@ def test_cells_against_cudnn_float64(kind, hidden, batch, dtype, bidirectional):
     _no_fallback()
     case = Case(kind=kind, input_size=hidden, hidden=hidden, bidirectional=bidirectional, T=64,
                 B=batch)
-    compare(case, dtype=dtype, device="cuda", seed=hidden + batch,
-            tolerances=(GPU_TOL, GPU_GRAD_TOL))
+    _compare(case, dtype, seed=hidden + batch)
 
 
 @pytest.mark.parametrize("hidden,proj,batch,dtype", [
@@ -73,8 +83,7 @@ def test_lstm_projection_against_float64(hidden, proj, batch, dtype):
     _no_fallback()
     case = Case(kind="LSTM", input_size=proj, hidden=hidden, proj=proj, bidirectional=True,
                 T=64, B=batch)
-    compare(case, dtype=dtype, device="cuda", seed=proj + batch,
-            tolerances=(GPU_TOL, GPU_GRAD_TOL))
+    _compare(case, dtype, seed=proj + batch)
 
 
 @pytest.mark.parametrize("kind,proj", [("GRU", 0), ("LSTM", 0), ("LSTM", 256)])
@@ -198,8 +207,7 @@ def test_streamed_weights(kind, hidden, dtype, config):
         assert default.block_k and default.resident_k, default
     case = Case(kind=kind, input_size=256, hidden=hidden, T=32, B=16)
     opts = None if config is None else {"config": config, "backward_config": config}
-    compare(case, dtype=dtype, device="cuda", seed=7, tolerances=(GPU_TOL, GPU_GRAD_TOL),
-            kernel_options=opts)
+    _compare(case, dtype, seed=7, kernel_options=opts)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
@@ -284,15 +292,28 @@ def test_new_batch_size_or_length_does_not_recompile():
 
 
 def test_autocast_like_torch():
+    """Under autocast, fp32 parameters and states run in fp16, as cuDNN's LSTM does there;
+    the gradients come back in fp32, with cuDNN's values."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(32, 64).cuda()
     m = triton_rnn.LSTM(32, 64, backend="triton").cuda()
     m.load_state_dict(ref.state_dict())
     x = torch.randn(10, 4, 32, device="cuda")
-    with torch.autocast("cuda", dtype=torch.float16):
-        a, b = ref(x)[0], m(x)[0]
-    assert a.dtype == b.dtype == torch.float16
-    torch.testing.assert_close(b.float(), a.float(), atol=1e-2, rtol=1e-2)
+    hx = tuple(torch.randn(1, 4, 64, device="cuda", requires_grad=True) for _ in range(2))
+    gy = torch.randn(10, 4, 64, device="cuda")
+    results = []
+    for mod in (ref, m):
+        xi = x.clone().requires_grad_()
+        hi = tuple(h.detach().clone().requires_grad_() for h in hx)
+        with torch.autocast("cuda", dtype=torch.float16):
+            y, (h_n, c_n) = mod(xi, hi)
+        assert y.dtype == h_n.dtype == c_n.dtype == torch.float16
+        (y.float() * gy).sum().backward()
+        results.append([y, h_n, c_n, xi.grad, *[h.grad for h in hi],
+                        *[p.grad for p in mod.parameters()]])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b.float(), a.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_torch_compile_on_gpu(monkeypatch):

@@ -81,6 +81,30 @@ def test_resident_weights_in_k_chunks(monkeypatch, poison_empty, kind, proj, til
         assert (res, res2) == ((1, 1) if partly else (num_kc, num_kc2)) and num_kc >= 2
 
 
+@pytest.mark.parametrize("kind,proj,layers,tiling,loss_on,input_grad,frozen", [
+    # A loss on the output only (h_n, c_n get no gradient), input without requires_grad
+    # (embeddings computed under no_grad), frozen input weights.
+    ("LSTM", 0, 2, "single", ("output",), False, ("weight_ih",)),
+    # A classifier on h_n only; frozen biases.
+    ("GRU", 0, 2, "single", ("h_n",), True, ("bias",)),
+    # c_n only, frozen recurrent weights; a projection with W_hr frozen.
+    ("LSTM", 0, 1, "single", ("c_n",), True, ("weight_hh",)),
+    ("LSTM", 3, 2, "single", ("output", "c_n"), False, ("weight_hr", "bias_ih")),
+    # The hidden size split over programs (stepwise here): one direction frozen.
+    ("RNN", 0, 1, "split", ("output",), True, ("weight_ih", "weight_hh_l0_reverse")),
+])
+def test_partial_losses_frozen_weights_and_inputs_without_grad(poison_empty, kind, proj, layers,
+                                                                tiling, loss_on, input_grad,
+                                                                frozen):
+    """The common training set-ups beside "every output has a gradient": outputs with no
+    gradient (``None`` cotangents), an input that needs none, frozen parameters (no
+    gradient computed for them, in either module); both directions."""
+    case = Case(kind=kind, input_size=5, hidden=6, proj=proj, layers=layers,
+                bidirectional=True, T=4, B=3)
+    compare(case, dtype=torch.float32, kernel_options=_opts(tiling), seed=21, loss_on=loss_on,
+            input_grad=input_grad, frozen=frozen)
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 def test_packed_unsorted_split_two_layers(poison_empty, kind):
     case = Case(kind=kind, input_size=4, hidden=6, layers=2, bidirectional=True, T=5,
@@ -158,15 +182,27 @@ def test_stepwise_equals_persistent():
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
 def test_large_preactivations_do_not_overflow(kind):
-    m = getattr(triton_rnn, kind)(4, 8, backend="triton")
+    """Pre-activations in the hundreds (``exp(2x)`` overflows fp32 from x = 45): values and
+    gradients still match float64 torch.nn, where a naive tanh would give NaN."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(4, 8).double()
     with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(1e4)
-    x = 1e4 * torch.randn(3, 2, 4, requires_grad=True)
-    out, _ = m(x)
-    assert torch.isfinite(out).all()
-    out.sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+        for p in ref.parameters():
+            p.uniform_(-8.0, 8.0)
+    m = getattr(triton_rnn, kind)(4, 8, backend="triton")
+    m.load_state_dict(ref.state_dict())
+    x = 30 * torch.randn(5, 2, 4, dtype=torch.float64)
+    gy = torch.randn(5, 2, 8, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(), x.float().requires_grad_()]
+    outs = [mod(xi)[0] for mod, xi in zip((ref, m), xs)]
+    assert (x @ ref.weight_ih_l0.detach().t()).abs().max() > 200  # far past exp's range
+    for o, g in zip(outs, (gy, gy.float())):
+        (o * g).sum().backward()
+    torch.testing.assert_close(outs[1].double(), outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xs[1].grad.double(), xs[0].grad, atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-3, rtol=1e-4,
+                                   msg=lambda msg: f"d {name}: {msg}")
 
 
 def test_double_backward_raises_clearly():
