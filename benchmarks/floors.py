@@ -133,11 +133,13 @@ def measure_barrier(device, tiny: bool) -> dict:
     timer = _timer(device)
     out = {"source": "triton_rnn.kernels.recurrent.grid_barrier", "n_iters": n_iters,
            "latency_us": {}, "raw": {}, "errors": {}}
+    from triton_rnn.kernels.launch import COMPILE_OPTIONS
+
     coop = {"launch_cooperative_grid": True} if device.type == "cuda" else {}
 
     def launch(g, n):
         counter.zero_()
-        kernel[(g,)](counter, n, num_warps=4, **coop)
+        kernel[(g,)](counter, n, num_warps=4, **COMPILE_OPTIONS, **coop)
 
     for g in grids:
         try:

@@ -164,6 +164,7 @@ def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .launch import COMPILE_OPTIONS
     from .recurrent import rnn_backward_kernel, rnn_forward_kernel
 
     kernel = rnn_forward_kernel if pass_ == "forward" else rnn_backward_kernel
@@ -172,7 +173,7 @@ def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch:
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps,
-                                       "num_stages": config.num_stages})
+                                       "num_stages": config.num_stages, **COMPILE_OPTIONS})
     weights = ("W", "WR") if proj else ("W",)
     return compiled, dict(grid_h=grid_h, block_h=block_h, block_b=block_b,
                           w_indices=[kernel.arg_names.index(w) for w in weights])

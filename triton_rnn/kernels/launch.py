@@ -71,6 +71,11 @@ RESIDENT_STREAM_LIMIT = 220 * 1024
 #: 3.9), LSTM 2048 fp32 24 B with 16 KB (3.6), none with 8 KB; GRU 3072 bf16 none
 #: with 24 KB, but 32 B with 12 KB (3.9; ptxas capped it at 128 registers).
 PARTLY_RESIDENT_STREAM_CHUNK = {2: 24 * 1024, 4: 8 * 1024}
+#: Compile options of every recurrent kernel, beside the tile's warps and stages (the
+#: static report compiles with the same). FP fusion (``a * b + c`` as one FMA) is what
+#: Triton has always done; saying so keeps the kernels' rounding the same when Triton's
+#: default flips (3.10 turns it off; 3.9 warns at every first compile until it is set).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 #: Largest value of a grid barrier's int32 arrival counter: one persistent launch
 #: runs at most this many steps x hidden blocks (more take several launches).
 BARRIER_COUNT_LIMIT = 2**31 - 1
@@ -463,7 +468,7 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, R: i
 def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, R: int,
                  args: tuple, meta: dict, device, what: str,
                  pair: Optional[DirectionPair] = None) -> None:
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **COMPILE_OPTIONS, **meta)
     direction = int(bool(meta.get("REVERSE")))
     n_phases = T * (2 if meta.get("HAS_PROJ") else 1)
 
