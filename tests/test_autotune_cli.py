@@ -130,6 +130,15 @@ def test_cli_commands(tmp_path):
         (["cache", "show", "lstm:forward:bf16:h256p64:b32:sm90"], ""),
         (["cache", "show", "lstm:forward:bfloat16:h256:b32:sm90"], ""),
         (["cache", "show", "h256p64"], ""),
+        (["cache", "export", "-"], ""),
+        (["cache", "clear", "--yes"], ""),
+        (["cache", "import", "-"], good_file.read_text()),
+        (["cache", "show", "gru"], ""),
+        (["cache", "clear", "--yes"], ""),
+        (["cache", "clear"], None),
+        (["tune", "--cell", "gru", "--hidden", "64", "--arch", "sm_91", "--static-only"], ""),
+        (["inspect", "--hidden", "64", "--num-warps", "8"], ""),
+        (["cache", "export", str(tmp_path)], ""),
     ]
     driver = start(["-c", DRIVER], env_for(cache_dir),
                    json.dumps(helps + [list(s) for s in steps]))
@@ -139,6 +148,7 @@ def test_cli_commands(tmp_path):
                       "--proj", "256", "--static-only"], env_for(tmp_path / "other"))
     bad_import = start(["-m", "triton_rnn.cli", "cache", "import", str(bad_file)],
                        env_for(tmp_path / "other"))
+    not_a_dir = start(["-m", "triton_rnn.cli", "cache", "list"], env_for(bad_file))
 
     rc, out, err = finish(driver)
     assert rc == 0, err[-3000:]
@@ -196,6 +206,17 @@ def test_cli_commands(tmp_path):
     assert json.loads(ok(33))["key"] == lstm_names[0]   # the kernel key, any dtype spelling
     assert json.loads(ok(34))["key"] == lstm_names[1]   # the plain LSTM: not the LSTMP
     assert json.loads(ok(35))["key"] == lstm_names[0]
+    # '-': standard output and input.
+    assert set(json.loads(ok(36))["entries"]) == set(lstm_names) | {
+        n for n in json.loads(stream_file.read_text())["entries"]}
+    assert "exported 3 entries to standard output" in one_line(r[36]["err"])
+    assert "imported 2 new" in ok(38)
+    ambiguous = fails(39)
+    assert "matches 2 entries" in ambiguous and all(short_id(n) in ambiguous for n in names)
+    assert "nothing to delete" in ok(41)  # an empty cache: no question asked
+    assert "sm_91 is not a CUDA architecture" in fails(42) and "sm_90" in fails(42)
+    assert "need a forced tile" in fails(43)
+    assert "give a file name" in fails(44)
 
     rc, out, err = finish(no_gpu)
     assert rc != 0 and "no CUDA GPU" in one_line(err)
@@ -203,6 +224,8 @@ def test_cli_commands(tmp_path):
     assert rc == 2 and "smaller than --hidden (128), got 256" in one_line(err)
     rc, out, err = finish(bad_import)
     assert rc == 2 and "not a valid cache file" in one_line(err)
+    rc, out, err = finish(not_a_dir)  # $TRITON_RNN_CACHE_DIR names a file
+    assert rc == 2 and "is not a directory" in one_line(err)
 
 
 def test_cli_tune_static_only_real_compiler(tmp_path):
@@ -235,3 +258,30 @@ def test_cli_import_names_the_cache_when_the_write_fails(tmp_path, monkeypatch, 
     assert main(["cache", "import", str(src)]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and str(tmp_path / "cache") in err and "src.json" not in err
+
+
+def test_cli_warnings_are_one_line_and_a_closed_pipe_is_quiet(tmp_path):
+    """A damaged cache is reported as one ``triton-rnn: warning:`` line (no source
+    excerpt); a reader that goes away (``| head``) ends the command quietly, status 141."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / C.CACHE_FILENAME).write_text('{"schema": 1, "entries": [')
+    code = textwrap.dedent("""
+        import sys
+        import triton_rnn.cli.cache as cache_cli
+        from triton_rnn.cli import main
+        if sys.argv[1] == "pipe":
+            def cmd_path(args):
+                raise BrokenPipeError(32, "Broken pipe")
+            cache_cli.cmd_path = cmd_path
+            sys.exit(main(["cache", "path"]))
+        sys.exit(main(["cache", "list"]))
+    """)
+    listed = start(["-c", code, "list"], env_for(cache_dir))
+    piped = start(["-c", code, "pipe"], env_for(cache_dir))
+    rc, out, err = finish(listed)
+    assert rc == 0 and "no entries" in out
+    line = one_line(err)
+    assert line.startswith("triton-rnn: warning: triton_rnn autotune cache:") and "unusable" in line
+    rc, out, err = finish(piped)
+    assert rc == 141 and err == "", err

@@ -300,6 +300,93 @@ def test_projection_shape_runs_against_torch(tmp_path, capsys):
     (["--cells", "gru", "--proj", "4"], "LSTM shapes only"),
 ])
 def test_cli_rejects_a_bad_proj(args, msg, capsys):
-    assert cli_main(["bench", "--tiny", "--no-plot"] + args) == 2
+    assert _rc(["bench", "--tiny", "--no-plot"] + args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error: --proj" in err and msg in err, err
+    assert len(err.splitlines()) == 1 and "--proj" in err and msg in err, err
+
+
+def _rc(argv):
+    """The exit status of ``triton-rnn ARGV``, whether argparse or the command ends it."""
+    try:
+        return cli_main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--hidden", "-5"], "must be >= 1, got -5"),
+    (["--batch", "4,0"], "must be >= 1, got 0"),
+    (["--seq-len", "0"], "must be >= 1"),
+    (["--rounds", "0"], "must be >= 1"),
+    (["--sets", "-1"], "must be >= 1"),
+    (["--time-budget", "0"], "must be > 0"),
+    (["--dtypes", "int8"], "unknown dtype 'int8'"),
+    (["--cells", "transformer"], "unknown cell 'transformer'"),
+    (["--impls", "cudnn"], "unknown implementation 'cudnn'"),
+    (["--directions", "3"], "--directions takes 1 and 2"),
+    (["--device", "tpu"], "--device takes cuda, cuda:N or cpu"),
+    (["--resume"], "--resume needs --out"),
+    (["--out", "/proc/no/such.json"], "cannot write result file"),
+    (["--markdown", "/proc/no/such.md"], "cannot write markdown file"),
+])
+def test_cli_rejects_bad_arguments_before_measuring(args, msg, capsys, tmp_path, monkeypatch):
+    """One line, exit status 2, and nothing measured (a bad output path is found first)."""
+    from triton_rnn import bench as B
+    monkeypatch.setattr(B, "run_grid", lambda *a, **kw: pytest.fail("measured anyway"))
+    monkeypatch.chdir(tmp_path)
+    assert _rc(["bench", "--tiny", "--no-plot"] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and msg in err, err
+
+
+def test_cli_takes_torch_dtype_names_and_says_when_quick_runs_tiny(tmp_path, capsys,
+                                                                   monkeypatch):
+    """bf16/bfloat16 alike; ``--quick`` without a GPU runs the tiny grid and says so."""
+    seen = {}
+    from triton_rnn import bench as B
+
+    def fake_run_grid(shapes, device, impls, out_json, **kw):
+        seen["dtypes"] = sorted({s.dtype for s in shapes})
+        seen["grid"] = kw["settings"]["grid"]
+        return {"schema": B.SCHEMA, "results": [], "env": {}, "settings": kw["settings"]}
+
+    monkeypatch.setattr(B, "run_grid", fake_run_grid)
+    rc = cli_main(["bench", "--quick", "--dtypes", "bfloat16,fp16,float", "--no-plot",
+                   "--out", str(tmp_path / "q.json")])
+    assert rc == 0
+    assert seen == {"dtypes": ["bf16", "fp16", "fp32"], "grid": "tiny"}
+    assert "running the tiny grid instead of --quick" in capsys.readouterr().out
+
+
+def test_cli_exits_non_zero_when_a_shape_fails(tmp_path, capsys, monkeypatch):
+    """The table and JSON are written, and the run's status says that a shape failed."""
+    from triton_rnn import bench as B
+    real = B.measure_shape
+
+    def failing_lstm(shape, *a, **kw):
+        if shape.cell == "lstm":
+            raise RuntimeError("simulated failure")
+        return real(shape, *a, **kw)
+
+    monkeypatch.setattr(B, "measure_shape", failing_lstm)
+    out = tmp_path / "r.json"
+    rc = cli_main(["bench", "--tiny", "--cells", "gru,lstm", "--passes", "fwd", "--batch", "1",
+                   "--no-plot", "--out", str(out)])
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    assert sorted(r["status"] for r in doc["results"]) == ["error", "ok"]
+    assert "1 of 2 shapes failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("[]", "is not a triton-rnn bench result"),
+    ('{"schema": 1, "entries": {}}', "is not a triton-rnn bench result (schema 1"),
+    ("{", "cannot read"),
+])
+def test_from_json_refuses_other_files(tmp_path, capsys, content, msg):
+    src = tmp_path / "other.json"
+    src.write_text(content)
+    assert cli_main(["bench", "--from-json", str(src)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err
+    assert list(tmp_path.iterdir()) == [src]  # no plot written beside it

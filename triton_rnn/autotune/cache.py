@@ -46,7 +46,7 @@ from .space import KernelKey
 __all__ = [
     "SCHEMA_VERSION", "CACHE_FILENAME", "CacheWarning", "CacheFormatError",
     "cache_dir", "cache_path", "entry_key", "split_entry_key", "validate_entry",
-    "triton_version", "library_version", "TuneCache",
+    "triton_version", "library_version", "document_text", "TuneCache",
 ]
 
 SCHEMA_VERSION = 1
@@ -78,18 +78,23 @@ def _file_mode(path: Path) -> int:
     return 0o666 & ~_UMASK
 
 
-def _write_doc_atomically(path: Path, entries: Dict[str, dict]) -> None:
-    """Write a cache document with ``entries`` to ``path``: a temporary file, then a rename."""
+def document_text(entries: Dict[str, dict]) -> str:
+    """A cache document holding ``entries``, as the JSON text the cache file has."""
     doc = _empty_doc()
     doc["entries"] = dict(sorted(entries.items()))
+    return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+
+
+def _write_doc_atomically(path: Path, entries: Dict[str, dict]) -> None:
+    """Write a cache document with ``entries`` to ``path``: a temporary file, then a rename."""
+    text = document_text(entries)
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
                                dir=str(path.parent) if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), mode)
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -394,6 +399,10 @@ class TuneCache:
             text = Path(src).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise CacheFormatError(f"not UTF-8 text ({e.reason})") from None
+        return self.import_text(text)
+
+    def import_text(self, text: str) -> dict:
+        """:meth:`import_file` for a document already read (from standard input, say)."""
         entries, problems = parse_document(text, check_triton=False)
         if problems:
             raise CacheFormatError(problems[0])

@@ -27,10 +27,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from . import CLIError
+from . import CLIError, dtype_name, non_negative_int, positive_int
+
+#: torch's dtype names to the short ones of the bench grid and its JSON.
+_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def _csv(kind):
@@ -40,9 +44,25 @@ def _csv(kind):
             raise argparse.ArgumentTypeError("empty list")
         try:
             return [kind(t) for t in items]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}: {e}") from None
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad list: {text!r}") from None
     return parse
+
+
+def _bench_dtype(text: str) -> str:
+    return _SHORT_DTYPE[dtype_name(text)]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,15 +73,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="the quick grid (a few minutes on a GPU)")
     g.add_argument("--tiny", action="store_true",
                    help="tiny shapes (T=4, B=1/2, H=8, fp32): a smoke test, also on the CPU")
-    p.add_argument("--cells", type=_csv(str), help="comma list: gru,lstm")
-    p.add_argument("--hidden", type=_csv(int), help="comma list of hidden sizes")
-    p.add_argument("--batch", type=_csv(int), help="comma list of batch sizes")
-    p.add_argument("--seq-len", type=_csv(int), help="comma list of sequence lengths")
-    p.add_argument("--dtypes", type=_csv(str), help="comma list: bf16,fp16,fp32")
+    p.add_argument("--cells", type=_csv(str.lower), help="comma list: gru,lstm")
+    p.add_argument("--hidden", type=_csv(positive_int), help="comma list of hidden sizes")
+    p.add_argument("--batch", type=_csv(positive_int), help="comma list of batch sizes")
+    p.add_argument("--seq-len", type=_csv(positive_int), help="comma list of sequence lengths")
+    p.add_argument("--dtypes", type=_csv(_bench_dtype),
+                   help="comma list: bf16,fp16,fp32 (torch's names work too)")
     p.add_argument("--passes", type=_csv(str), help="comma list: fwd,fwdbwd")
     p.add_argument("--directions", type=_csv(int),
                    help="comma list: 1 (one direction, the default), 2 (a bidirectional layer)")
-    p.add_argument("--proj", type=_csv(int),
+    p.add_argument("--proj", type=_csv(non_negative_int),
                    help="comma list of LSTM projection sizes (proj_size), 0 for none (the "
                         "default); each below every --hidden; GRU shapes are not multiplied")
     p.add_argument("--impls", type=_csv(str),
@@ -69,26 +90,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "flashrnn only when importable), or triton_one_stream (bidirectional "
                         "shapes with the two directions one after the other)")
     p.add_argument("--no-flashrnn", action="store_true", help="leave FlashRNN out")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--floors", metavar="FILE", help="ceilings JSON from python -m benchmarks.floors")
     p.add_argument("--out", metavar="JSON", default=None,
-                   help="result file (default runs/bench/bench-<grid>-<time>.json)")
+                   help="result file (default runs/bench/bench-<grid>-<time>.json; "
+                        "required with --resume)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="plot file (default: the JSON's name with .png)")
     p.add_argument("--no-plot", action="store_true", help="write no plot")
     p.add_argument("--markdown", metavar="MD", default=None,
                    help="also write the table as markdown ('-' for stdout)")
     p.add_argument("--from-json", metavar="JSON", default=None,
-                   help="measure nothing: print the table (and --plot/--markdown) of a result file")
+                   help="measure nothing: print the table of a result file (and write "
+                        "--plot/--markdown)")
     p.add_argument("--resume", action="store_true",
                    help="keep the shapes already in --out and measure the rest")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+    p.add_argument("--time-budget", type=_positive_float, default=None, metavar="S",
                    help="start no new shape after S seconds (the rest is recorded as skipped)")
-    p.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25)")
-    p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (default 100)")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--warmup-ms", type=_positive_float, default=None,
+                   help="do_bench warm-up (default 25)")
+    p.add_argument("--rep-ms", type=_positive_float, default=None,
+                   help="do_bench repetition time (default 100)")
+    p.add_argument("--rounds", type=positive_int, default=None,
                    help="alternating rounds per implementation (default 3; 1 when tiny)")
-    p.add_argument("--sets", type=int, default=None, help="rotated input sets (default 3)")
+    p.add_argument("--sets", type=positive_int, default=None,
+                   help="rotated input sets (default 3; 2 when tiny)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time CUDA-graph replays (off by default, see the description)")
     p.add_argument("--no-check", action="store_true",
@@ -176,37 +203,86 @@ def _write_reports(doc: dict, args, out_json, B) -> int:
     return rc
 
 
+def _read_result(path: str, B) -> dict:
+    """A bench result file (``--from-json``), or a one-line error."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema != B.SCHEMA or not isinstance(doc.get("results"), list):
+        raise CLIError(f"{path} is not a triton-rnn bench result (schema {schema!r}, "
+                       f"expected {B.SCHEMA!r})")
+    return doc
+
+
+def _check_writable(path, what: str) -> None:
+    """Fail before measuring, not after, when ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot write {what} {path}: cannot create its folder "
+                       f"({e.strerror or e})") from None
+    try:  # a scratch file beside it: the results are written as a temporary file, renamed
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise CLIError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def _device(text, torch):
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise CLIError(f"--device takes cuda, cuda:N or cpu, got {text!r}") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise CLIError(f"--device takes cuda, cuda:N or cpu, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {text} but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
 def run(args) -> int:
     from .. import bench as B
 
     if args.from_json:
-        try:
-            with open(args.from_json) as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CLIError(f"cannot read {args.from_json}: {e}") from None
-        out = None if args.no_plot or args.plot else args.from_json
-        return _write_reports(doc, args, out, B)
+        doc = _read_result(args.from_json, B)
+        if args.markdown and args.markdown != "-":
+            _check_writable(args.markdown, "markdown file")
+        return _write_reports(doc, args, None, B)
+    if args.resume and not args.out:
+        raise CLIError("--resume needs --out: the result file to resume")
+    for path, what in ((args.out, "result file"), (args.plot, "plot file"),
+                       (None if args.markdown == "-" else args.markdown, "markdown file")):
+        if path:
+            _check_writable(path, what)
 
     import torch
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda but no CUDA device is available")
+    if args.device is not None:
+        dev = _device(args.device, torch)
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda":
         _ensure_interpreter()
-        if not args.quick and not args.tiny:
-            print("triton-rnn bench: no CUDA device: running the tiny grid through Triton's "
-                  "interpreter (a smoke test; the times mean nothing)", flush=True)
+        if not args.tiny:
+            grid = "--quick" if args.quick else "the full grid"
+            print(f"triton-rnn bench: no CUDA device: running the tiny grid instead of {grid}, "
+                  "through Triton's interpreter (a smoke test; the times mean nothing)",
+                  flush=True)
         args.tiny = True
         args.quick = False
     elif _interpreter_on():
         raise CLIError("TRITON_INTERPRET is set: unset it to time the kernels on the GPU")
-    if args.tiny and dev.type != "cuda":
-        args.quick = False
     name, grid = _grid(args, B)
-    if dev.type != "cuda" and not args.tiny:
-        name = "tiny"
 
     impls = list(args.impls or B.IMPLS)
     known = list(B.IMPLS + B.EXTRA_IMPLS)
@@ -262,4 +338,10 @@ def run(args) -> int:
         rc = 3
     print(f"results: {out_json}")
     rc = max(rc, _write_reports(doc, args, out_json, B))
+    failed = [r["key"] for r in doc.get("results", []) if r.get("status") in ("error", "partial")]
+    if failed:
+        print(f"triton-rnn bench: {len(failed)} of {len(doc['results'])} shapes failed in "
+              f"part or whole ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); "
+              "their errors are in the table and the JSON", file=sys.stderr)
+        rc = max(rc, 1)
     return rc

@@ -42,16 +42,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--yes", "-y", action="store_true", help="do not ask")
     s.set_defaults(func=cmd_clear)
 
-    s = sub.add_parser("export", help="write the cache to FILE",
-                       description="Write all valid entries to FILE as a cache document.")
+    s = sub.add_parser("export", help="write the cache to FILE ('-': standard output)",
+                       description="Write all valid entries to FILE as a cache document "
+                                   "('-' writes it to standard output).")
     s.add_argument("file", metavar="FILE")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", help="validate FILE and merge it into the cache",
-                       description="Validate FILE (a document written by 'cache export') and "
-                                   "merge its entries; an imported entry replaces one with the "
-                                   "same key. Entries for another Triton or triton_rnn version "
-                                   "are skipped. Nothing is merged when FILE is invalid.")
+                       description="Validate FILE (a document written by 'cache export'; '-' "
+                                   "reads standard input) and merge its entries; an imported "
+                                   "entry replaces one with the same key. Entries for another "
+                                   "Triton or triton_rnn version are skipped. Nothing is "
+                                   "merged when FILE is invalid.")
     s.add_argument("file", metavar="FILE")
     s.set_defaults(func=cmd_import)
 
@@ -71,9 +73,21 @@ def _cache():
 
 
 def _load(cache):
+    """The cache's entries; a one-line error when its file cannot be read at all (the
+    library itself goes on without it, with a warning)."""
+    parent = cache.path.parent
+    if parent.exists() and not parent.is_dir():
+        raise CLIError(f"cannot use {parent} as the cache directory: it is not a directory "
+                       "(see $TRITON_RNN_CACHE_DIR)")
     try:
+        if cache.path.exists() and not cache.path.is_file():
+            raise CLIError(f"cannot read {cache.path}: not a file")
+        if cache.path.exists():
+            with open(cache.path, "rb"):
+                pass
         return cache.load()
     except OSError as e:
+        # NotADirectoryError: $TRITON_RNN_CACHE_DIR names a file.
         raise CLIError(f"cannot read {cache.path}: {e.strerror or e}") from None
 
 
@@ -135,7 +149,9 @@ def cmd_show(args) -> int:
         if not hits:
             raise CLIError(f"no entry matches {want!r} (see 'triton-rnn cache list')")
         if len(hits) > 1:
-            raise CLIError(f"{want!r} matches {len(hits)} entries; give more of the key")
+            ids = ", ".join(short_id(n) for n in sorted(hits)[:6])
+            raise CLIError(f"{want!r} matches {len(hits)} entries (IDs {ids}"
+                           f"{', ...' if len(hits) > 6 else ''}); give one ID or more of the key")
         name = hits[0]
     json.dump({"key": name, "id": short_id(name), **entries[name]}, sys.stdout, indent=2)
     print()
@@ -145,6 +161,9 @@ def cmd_show(args) -> int:
 def cmd_clear(args) -> int:
     cache = _cache()
     n = len(_load(cache))
+    if n == 0:
+        print(f"no entries in {cache.path}: nothing to delete")
+        return 0
     if not args.yes:
         try:
             answer = input(f"Delete {n} entries from {cache.path}? [y/N] ")
@@ -162,7 +181,16 @@ def cmd_clear(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from ..autotune.cache import document_text
     cache = _cache()
+    if args.file == "-":
+        entries = _load(cache)
+        sys.stdout.write(document_text(entries))
+        print(f"exported {len(entries)} entries to standard output", file=sys.stderr)
+        return 0
+    if not args.file or os.path.isdir(args.file):
+        raise CLIError(f"cannot write {args.file!r}: give a file name")
+    _load(cache)
     try:
         n = cache.export(args.file)
     except OSError as e:
@@ -174,8 +202,13 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from ..autotune.cache import CacheFormatError
     cache = _cache()
+    _load(cache)
     try:
-        counts = cache.import_file(args.file)
+        counts = (cache.import_text(sys.stdin.read()) if args.file == "-"
+                  else cache.import_file(args.file))
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{args.file} is not a valid cache file: not UTF-8 text ({e.reason})") \
+            from None
     except OSError as e:
         # Reading the source names it; anything else failed on the cache's side.
         if e.filename is not None and os.path.abspath(e.filename) == os.path.abspath(args.file):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 
-from . import CLIError
+from . import CLIError, dtype_name, parse_arch
 
 CELLS = ("gru", "lstm", "rnn_tanh", "rnn_relu")
-DTYPES = ("bfloat16", "float16", "float32")
+#: The tile options besides --block-h/--block-b, and their values when not given.
+TILE_DEFAULTS = {"num_warps": 4, "num_stages": 1, "block_k": 0, "resident_k": 0}
 
 
 def add_parser(sub) -> None:
@@ -22,28 +24,24 @@ def add_parser(sub) -> None:
     p.add_argument("--proj", type=int, default=0,
                    help="LSTM projection size (proj_size; 0: none)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--dtype", type=dtype_name, default="bfloat16",
+                   help="bf16 (default), fp16 or fp32 (torch's names work too)")
     p.add_argument("--direction", choices=("forward", "reverse"), default="forward",
                    help="time direction (same kernel resources either way)")
     p.add_argument("--backward", action="store_true", help="the backward kernel")
     p.add_argument("--arch", type=parse_arch, default=90,
                    help="CUDA architecture, e.g. sm_90 (default)")
-    p.add_argument("--block-h", type=int, help="force a tile config (with --block-b)")
+    p.add_argument("--block-h", type=int,
+                   help="force a tile config (with --block-b; default: the library's choice)")
     p.add_argument("--block-b", type=int)
-    p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--num-stages", type=int, default=1)
-    p.add_argument("--block-k", type=int, default=0, help="stream W_hh in K chunks (0: on-chip)")
-    p.add_argument("--resident-k", type=int, default=0,
-                   help="with --block-k: inputs of the slice kept on-chip (0: stream it all)")
+    p.add_argument("--num-warps", type=int, help="with a forced tile (default 4)")
+    p.add_argument("--num-stages", type=int, help="with a forced tile (default 1)")
+    p.add_argument("--block-k", type=int,
+                   help="with a forced tile: stream W_hh in K chunks (default 0: on-chip)")
+    p.add_argument("--resident-k", type=int,
+                   help="with --block-k: inputs of the slice kept on-chip (default 0: stream "
+                        "it all)")
     p.set_defaults(func=run)
-
-
-def parse_arch(arch: str) -> int:
-    """``"sm_90"``, ``"sm90"`` or ``"90"`` -> 90 (an argparse ``type``)."""
-    a = str(arch).lower().removeprefix("sm_").removeprefix("sm")
-    if not a.isdigit() or int(a) < 1:
-        raise argparse.ArgumentTypeError(f"must look like sm_90, got {arch!r}")
-    return int(a)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,18 +54,25 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--proj needs --cell lstm and 0 < proj < hidden, as torch.nn.LSTM's "
                        "proj_size")
     config = None
+    tile = {k: getattr(args, k) for k in TILE_DEFAULTS if getattr(args, k) is not None}
     if args.block_h is not None or args.block_b is not None:
         if args.block_h is None or args.block_b is None:
             raise CLIError("--block-h and --block-b go together")
         try:
             config = KernelConfig.from_dict(dict(
-                block_h=args.block_h, block_b=args.block_b, num_warps=args.num_warps,
-                num_stages=args.num_stages, block_k=args.block_k, resident_k=args.resident_k))
+                TILE_DEFAULTS, block_h=args.block_h, block_b=args.block_b, **tile))
         except ValueError as e:
             raise CLIError(str(e)) from None
+    elif tile:
+        given = ", ".join("--" + k.replace("_", "-") for k in tile)
+        raise CLIError(f"{given} need a forced tile: give --block-h and --block-b too")
     try:
         report = static_report(args.cell, "backward" if args.backward else "forward", args.dtype,
                                args.hidden, args.batch, config, args.arch, args.proj)
+    except subprocess.CalledProcessError as e:
+        tool = e.cmd[0] if isinstance(e.cmd, (list, tuple)) and e.cmd else e.cmd
+        raise CLIError(f"{tool} failed on the sm_{args.arch} binary (exit {e.returncode})") \
+            from None
     except (RuntimeError, FileNotFoundError) as e:
         raise CLIError(str(e).splitlines()[-1] if str(e) else type(e).__name__) from None
     report["direction"] = args.direction

@@ -17,11 +17,9 @@ import argparse
 import os
 import sys
 
-from . import CLIError, non_negative_int, positive_int
-from .inspect import parse_arch
+from . import CLIError, dtype_name, non_negative_int, parse_arch, positive_int
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
 CONFIG_METAVAR = "BH,BB,WARPS[,STAGES[,BLOCK_K[,RESIDENT_K]]]"
 
 
@@ -51,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="batch size; the entry covers its power-of-two bucket (default 32)")
     p.add_argument("--seq-len", type=positive_int, default=64,
                    help="time steps used for timing (default 64; not part of the key)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
+    p.add_argument("--dtype", type=dtype_name, default="bfloat16",
+                   help="bf16 (default), fp16 or fp32 (torch's names work too)")
     p.add_argument("--direction", choices=("uni", "bi"), default="uni",
                    help="direction of the timed layer (default uni; not part of the key)")
     p.add_argument("--backward", action="store_true",
@@ -59,7 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", type=parse_arch, default=None,
                    help="CUDA architecture, e.g. sm_90 or 90 (default: the GPU's, else sm_90)")
     p.add_argument("--config", type=_config, action="append", metavar=CONFIG_METAVAR,
-                   help="try only this tile (repeatable) instead of the built-in candidates")
+                   help="try this tile (repeatable) instead of the built-in candidates; on a "
+                        "GPU the heuristic default is timed too, as the baseline of the "
+                        "speedup, and is kept if none of these beats it")
     p.add_argument("--static-only", action="store_true",
                    help="compile and prune only (no GPU needed); stores nothing")
     p.add_argument("--verbose", "-v", action="store_true",
