@@ -31,6 +31,9 @@ class Case:
     B: int = 3
     unbatched: bool = False
     packed_lengths: tuple = ()
+    #: Pack with ``enforce_sorted=True`` (lengths must then be decreasing): no
+    #: ``sorted_indices`` to permute by.
+    enforce_sorted: bool = False
     with_state: bool = True
     kwargs: dict = field(default_factory=dict)
 
@@ -105,7 +108,8 @@ def _leaves(x, hx, dtype, input_grad=True):
 
 
 def _run(module, case, xs, hs):
-    inp = pack_sequence(xs, enforce_sorted=False) if case.packed_lengths else xs[0]
+    inp = (pack_sequence(xs, enforce_sorted=case.enforce_sorted) if case.packed_lengths
+           else xs[0])
     state = None if hs is None else (hs if case.kind == "LSTM" else hs[0])
     out, hn = module(inp) if state is None else module(inp, state)
     out_t = out.data if case.packed_lengths else out

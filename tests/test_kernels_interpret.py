@@ -114,6 +114,14 @@ def test_packed_unsorted_split_two_layers(poison_empty, kind):
             seed=4)
 
 
+def test_packed_sorted_without_indices(poison_empty):
+    """``pack_sequence(enforce_sorted=True)``: a PackedSequence whose ``sorted_indices``
+    is None (states are then used in the given order)."""
+    case = Case(kind="LSTM", input_size=4, hidden=5, bidirectional=True, T=5,
+                packed_lengths=(5, 3, 3, 1), enforce_sorted=True, with_state=True)
+    compare(case, dtype=torch.float32, seed=8)
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 def test_packed_single_program_batch_first_states(poison_empty, kind):
     case = Case(kind=kind, input_size=5, hidden=7, bidirectional=True, batch_first=True, T=4,

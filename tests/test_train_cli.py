@@ -77,6 +77,7 @@ def test_cli_user_errors(tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "bad.tsv:1" in capsys.readouterr().err
     assert main(["train", "--hidden", "15", "--out", str(tmp_path / "o")]) == 2
+    assert "--hidden even" in capsys.readouterr().err
 
 
 def test_word_level_tsv_training(tmp_path, capsys):
