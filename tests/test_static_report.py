@@ -165,21 +165,22 @@ $L__BB0_1:
 
 def test_inspect_cli_prints_json():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "triton_rnn.cli", "inspect", "--cell", "gru",
-                           "--hidden", "1024", "--batch", "64", "--dtype", "bfloat16"],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
+    runs = [["--cell", "gru", "--hidden", "1024", "--batch", "64", "--dtype", "bfloat16"],
+            ["--hidden", "64", "--arch", "volta"],
+            ["--hidden", "64", "--proj", "64", "--cell", "lstm"]]
+    # Each process spends seconds importing torch: run the three at once.
+    procs = [subprocess.Popen([sys.executable, "-m", "triton_rnn.cli", "inspect", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for args in runs]
+    (rc, out, err), *bad = [(p.returncode, *outputs) for p, outputs in
+                            ((p, p.communicate(timeout=300)) for p in procs)]
+    assert rc == 0, err
+    r = json.loads(out)
     assert r["arch"] == "sm_90" and r["hidden"] == 1024
     assert r["local_bytes"] == 0 and r["stack_bytes"] == 0
     assert r["weights_loaded_in_loop"] is False and r["tensor_cores"] is True
-    bad = subprocess.run([sys.executable, "-m", "triton_rnn.cli", "inspect", "--hidden", "64",
-                          "--arch", "volta"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "--arch" in bad.stderr and bad.stderr.count("\n") == 1
-    bad = subprocess.run([sys.executable, "-m", "triton_rnn.cli", "inspect", "--hidden", "64",
-                          "--proj", "64", "--cell", "lstm"], capture_output=True, text=True,
-                         env=env)
-    assert bad.returncode == 2 and "--proj" in bad.stderr and bad.stderr.count("\n") == 1
+    for (rc, _, err), flag in zip(bad, ("--arch", "--proj")):
+        assert rc == 2 and flag in err and err.count("\n") == 1, err
 
 
 def test_non_power_of_two_hidden_pays_only_for_its_chunks(report_for):
