@@ -136,6 +136,10 @@ def run(args) -> int:
             configs = args.config or candidate_configs(key, default)
             print(f"{key}: {len(configs)} candidates (batch {args.batch} -> bucket "
                   f"{key.batch_bucket}, checked at batch {key.batch_bucket})")
+            # The candidates compile together in worker processes (no progress bar): say
+            # what the wait is for.
+            print(f"compiling {len(configs)} candidates for sm_{key.arch} ...", file=sys.stderr,
+                  flush=True)
             try:
                 res = prune(key, configs, report_fn=report_fn, progress=sys.stderr.isatty())
             except RuntimeError as e:
