@@ -206,6 +206,16 @@ def test_every_shape_that_falls_back_is_flagged(monkeypatch):
     assert flagged == [True, True]
 
 
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
+def test_inference_runs_every_module_in_eval_mode(pass_):
+    """cuDNN's training-mode forward writes its reserve space even under no_grad: ``fwd``
+    must time torch.nn in eval mode, as the kernels (which save nothing without a
+    gradient) are; ``fwdbwd`` trains."""
+    shape = B.Shape("lstm", 8, 2, 3, "fp32", pass_)
+    case = B.Case(shape, torch.device("cpu"), ["triton", "triton_stepwise", "torch"], n_sets=1)
+    assert {m.training for m in case.modules.values()} == {pass_ == "fwdbwd"}
+
+
 def test_bidirectional_shapes():
     """``--directions 2``: a bidirectional layer, its own key, counts and implementations."""
     bi = B.Shape("lstm", 8, 2, 3, "fp32", "fwdbwd", directions=2)
@@ -230,6 +240,7 @@ def test_bidirectional_shapes():
         assert impls[name]["error"] is None and impls[name]["ms"] > 0
         assert impls[name]["rel_err"] < 1e-5 and impls[name]["rel_err_grad_x"] < 1e-5
     assert impls["flashrnn"]["error"] == "not available"  # FlashRNN: one direction only
+    assert rec["status"] == "ok"  # ...which does not fail the shape
     doc = {"impls": ["triton", "triton_one_stream", "torch"], "results": [rec]}
     assert B.table_rows(doc)[1][0] == "lstm-bi"
     assert "lstm-bi/fwdbwd/triton" in B.summarize([rec])["geomean_speedup"]

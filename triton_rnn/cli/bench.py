@@ -318,7 +318,7 @@ def run(args) -> int:
         "seed": args.seed,
         "timer": "triton.testing.do_bench median (CUDA events)" if dev.type == "cuda"
                  else "host clock (interpreter smoke test)",
-        "fwd": "inference forward under torch.no_grad",
+        "fwd": "inference forward: eval mode, under torch.no_grad",
         "fwdbwd": "forward + backward with a random output gradient, input gradient included",
     }
     out_json = Path(args.out) if args.out else Path("runs") / "bench" / (
