@@ -65,6 +65,13 @@ def test_occupancy_from_registers_shared_memory_and_threads(gpu_props):
     assert launch._max_resident_programs(c, 8, None) == 132 * 1  # registers: 1 per SM
     c = types.SimpleNamespace(n_regs=32, metadata=types.SimpleNamespace(shared=0))
     assert launch._max_resident_programs(c, 8, None) == 132 * 8  # threads: 8 per SM
+    # Shared memory is allocated in 128-byte units, beside the 1 KB reserve: 5 blocks of
+    # 45,568 + 1,024 = 46,592 B fit in 228 KB; 8 bytes more round up to 46,720, and
+    # 5 x 46,720 does not fit (5 x 46,600 unrounded would).
+    c = types.SimpleNamespace(n_regs=32, metadata=types.SimpleNamespace(shared=45_568))
+    assert launch._max_resident_programs(c, 4, None) == 132 * 5
+    c = types.SimpleNamespace(n_regs=32, metadata=types.SimpleNamespace(shared=45_576))
+    assert launch._max_resident_programs(c, 4, None) == 132 * 4
     # 136 registers: 3 warps per sub-partition, 12 per SM; 6 two-warp programs, not 7.
     c = types.SimpleNamespace(n_regs=136, metadata=types.SimpleNamespace(shared=0))
     assert launch._max_resident_programs(c, 2, None) == 132 * 6
@@ -127,6 +134,16 @@ def test_refused_cooperative_launch_falls_back_to_stepwise(gpu_props):
     with pytest.warns(RuntimeWarning, match="cooperative launch failed"):
         _run(k, hidden=512, batch=4, cfg=KernelConfig(32, 16), T=2)
     assert [(l[1], l[2], l[4]) for l in k.launches] == [(0, 1, False), (1, 1, False)]
+
+
+def test_refused_cooperative_launch_during_capture_says_so(gpu_props, monkeypatch):
+    """Under CUDA graph capture a refused launch has already broken the capture: no
+    fallback, but an error that says what happened."""
+    monkeypatch.setattr(launch, "_capture_underway", lambda device: True)
+    k = FakeKernel(refuse=True)
+    with pytest.raises(RuntimeError, match="refused during CUDA graph capture"):
+        _run(k, hidden=512, batch=4, cfg=KernelConfig(32, 16), T=2)
+    assert not any(not l[4] for l in k.launches)  # no stepwise launch was tried
 
 
 def test_stepwise_mode_is_one_launch_per_step(gpu_props):

@@ -344,12 +344,14 @@ def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, reg
 
     Registers are allocated per warp in units of 256 and sit in four
     sub-partitions that each hold whole warps; each block's shared memory also
-    reserves 1 KB for the runtime.
+    reserves 1 KB for the runtime, and is allocated in units of 128 bytes (as
+    CUDA's occupancy calculator counts it).
     """
     regs_per_warp = ((max(regs_per_thread, 1) * 32 + 255) // 256) * 256
     by_regs = 4 * ((regs_per_sm // 4) // regs_per_warp) // num_warps
     by_threads = threads_per_sm // (32 * num_warps)
-    by_smem = smem_per_sm // (shared_bytes + 1024) if shared_bytes else by_threads
+    smem_per_block = (shared_bytes + 1024 + 127) // 128 * 128
+    by_smem = smem_per_sm // smem_per_block if shared_bytes else by_threads
     return max(0, min(by_regs, by_threads, by_smem, 32))
 
 
@@ -445,6 +447,11 @@ def _capturing() -> bool:
     return bool(torch.cuda.is_current_stream_capturing())
 
 
+def _capture_underway(device: torch.device) -> bool:
+    """Whether launches on ``device`` are being captured into a CUDA graph."""
+    return device.type == "cuda" and _capturing()
+
+
 def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, R: int,
             args: tuple, meta: dict, device, what: str,
             pair: Optional[DirectionPair] = None) -> None:
@@ -514,6 +521,14 @@ def _launch_here(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int,
                     pair.after(direction, grid_b * plan.grid_h, fit)
                 return
             except RuntimeError as e:  # the driver refused the cooperative launch
+                if _capture_underway(device):
+                    # The failed launch has invalidated the capture: a stepwise fallback
+                    # could only fail there too, with a less helpful error.
+                    raise RuntimeError(
+                        f"triton_rnn: {what} with {cfg}: the cooperative launch was refused "
+                        f"during CUDA graph capture ({e}); run it once outside the capture "
+                        "(the warm-up) so that the fallback is chosen there, or pass "
+                        "mode='stepwise'") from e
                 reason = f"cooperative launch failed ({e})"
                 _fit_cache[vkey] = (0, reason)
         elif reason is None:
