@@ -381,9 +381,10 @@ class TuneCache:
         self.update(wipe)
         return count[0]
 
-    def export(self, dest) -> int:
-        """Write the valid entries as a cache document to ``dest``; returns the count."""
-        entries = self.load()
+    def export(self, dest, entries: Optional[Dict[str, dict]] = None) -> int:
+        """Write the valid entries (``entries``, if already loaded) as a cache document to
+        ``dest``; returns the count."""
+        entries = self.load() if entries is None else entries
         _write_doc_atomically(Path(dest), entries)
         return len(entries)
 

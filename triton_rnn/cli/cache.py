@@ -80,14 +80,11 @@ def _load(cache):
         raise CLIError(f"cannot use {parent} as the cache directory: it is not a directory "
                        "(see $TRITON_RNN_CACHE_DIR)")
     try:
-        if cache.path.exists() and not cache.path.is_file():
-            raise CLIError(f"cannot read {cache.path}: not a file")
-        if cache.path.exists():
+        if cache.path.exists():  # a directory, or a file we may not read, fails here
             with open(cache.path, "rb"):
                 pass
         return cache.load()
     except OSError as e:
-        # NotADirectoryError: $TRITON_RNN_CACHE_DIR names a file.
         raise CLIError(f"cannot read {cache.path}: {e.strerror or e}") from None
 
 
@@ -183,16 +180,15 @@ def cmd_clear(args) -> int:
 def cmd_export(args) -> int:
     from ..autotune.cache import document_text
     cache = _cache()
+    if args.file != "-" and (not args.file or os.path.isdir(args.file)):
+        raise CLIError(f"cannot write {args.file!r}: give a file name")
+    entries = _load(cache)
     if args.file == "-":
-        entries = _load(cache)
         sys.stdout.write(document_text(entries))
         print(f"exported {len(entries)} entries to standard output", file=sys.stderr)
         return 0
-    if not args.file or os.path.isdir(args.file):
-        raise CLIError(f"cannot write {args.file!r}: give a file name")
-    _load(cache)
     try:
-        n = cache.export(args.file)
+        n = cache.export(args.file, entries)
     except OSError as e:
         raise CLIError(f"cannot write {args.file}: {e.strerror or e}") from None
     print(f"exported {n} entries to {args.file}")

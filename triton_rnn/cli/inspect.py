@@ -9,8 +9,8 @@ import subprocess
 from . import CLIError, dtype_name, parse_arch
 
 CELLS = ("gru", "lstm", "rnn_tanh", "rnn_relu")
-#: The tile options besides --block-h/--block-b, and their values when not given.
-TILE_DEFAULTS = {"num_warps": 4, "num_stages": 1, "block_k": 0, "resident_k": 0}
+#: The tile options besides --block-h/--block-b (KernelConfig's defaults when not given).
+TILE_OPTIONS = ("num_warps", "num_stages", "block_k", "resident_k")
 
 
 def add_parser(sub) -> None:
@@ -54,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--proj needs --cell lstm and 0 < proj < hidden, as torch.nn.LSTM's "
                        "proj_size")
     config = None
-    tile = {k: getattr(args, k) for k in TILE_DEFAULTS if getattr(args, k) is not None}
+    tile = {k: getattr(args, k) for k in TILE_OPTIONS if getattr(args, k) is not None}
     if args.block_h is not None or args.block_b is not None:
         if args.block_h is None or args.block_b is None:
             raise CLIError("--block-h and --block-b go together")
         try:
-            config = KernelConfig.from_dict(dict(
-                TILE_DEFAULTS, block_h=args.block_h, block_b=args.block_b, **tile))
+            config = KernelConfig.from_dict(dict(block_h=args.block_h, block_b=args.block_b,
+                                                 **tile))
         except ValueError as e:
             raise CLIError(str(e)) from None
     elif tile:
