@@ -164,8 +164,8 @@ def test_foundation_grid_through_triton(seed):
 def test_lstm_projection(poison_empty, tiling, packed):
     """proj_size: each step computes m = o * tanh(c) from W_hh [4H, P], then h = W_hr m.
 
-    Split: 3 programs of 4 units, each projecting 1 of the 3 outputs (two phases and
-    two launches per step here). Streamed: both weights read in K chunks every step.
+    Split: the 10 units over 2 programs (8 and 2), projecting 2 and 1 of the 3 outputs
+    (two phases and two launches per step here). Streamed: both weights read in K chunks every step.
     """
     case = Case(kind="LSTM", input_size=5, hidden=10, proj=3, bidirectional=True, T=5, B=4,
                 packed_lengths=(3, 5, 1, 4) if packed else ())
