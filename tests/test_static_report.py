@@ -17,7 +17,7 @@ import sys
 import pytest
 import triton
 
-from triton_rnn.kernels.inspect import _weights_loaded_in_loop, static_reports
+from triton_rnn.kernels.inspect import _weights_loaded_in_loop, barrier_ordering, static_reports
 
 CELLS = ["gru", "lstm", "rnn_tanh"]
 HIDDEN = [256, 512, 1024]
@@ -87,6 +87,8 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
         assert r["registers"] <= 255, where
         assert r["weights_loaded_in_loop"] is False, f"{where}: W_hh read inside the loop"
         assert r["tensor_cores"], f"{where}: no HMMA/HGMMA"
+        assert r["barrier_ordering"] == ("release-acquire" if r["persistent_barrier"]
+                                         else "none"), where
         assert r["co_resident"] and r["blocks_per_sm"] >= 1, where
         assert r["config"]["block_k"] == 0 and r["weights_on_chip"] == 1, f"{where}: off-chip"
 
@@ -122,6 +124,7 @@ def test_lstm_projection_keeps_both_weights_on_chip(report_for, pass_, dtype, hi
     assert r["tensor_cores"]
     assert r["shared_bytes"] <= r["max_shared_bytes"] and r["co_resident"]
     assert r["persistent_barrier"] and r["programs"] >= hidden // 32
+    assert r["barrier_ordering"] == "release-acquire"
 
 
 def test_streamed_weights_are_detected_in_the_loop(all_reports):
@@ -161,6 +164,22 @@ $L__BB0_1:
     assert _weights_loaded_in_loop(ptx, 1) is False
     looped = ptx.replace("ld.global.b32 %r2, [%rd2];", "ld.global.b32 %r2, [%rd3+128];")
     assert _weights_loaded_in_loop(looped, 1) is True
+
+
+def test_barrier_ordering_on_hand_written_ptx():
+    """The barrier's arrival must publish the step's stores to the whole GPU (a release
+    add) and its wait must see everyone's (an acquire read), whatever order Triton
+    writes the qualifiers in; relaxed or CTA-scoped operations are not enough."""
+    arrive = "@%p2 red.global.gpu.release.add.u32 [ %rd1 + 0 ], %r6;"
+    wait = "@%p2 ld.global.gpu.acquire.b32 %r7, [ %rd1 + 0 ];"
+    assert barrier_ordering(f"{arrive}\n{wait}") == "release-acquire"
+    assert barrier_ordering("atom.acq_rel.sys.global.add.u32 %r1, [%rd1], 1;\n"
+                            "atom.global.acquire.gpu.add.u32 %r2, [%rd1], 0;") == "release-acquire"
+    assert barrier_ordering("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd2];") == "none"
+    assert barrier_ordering(f"red.global.add.u32 [%rd1], 1;\n{wait}") == "missing release"
+    assert barrier_ordering(f"{arrive}\nld.global.b32 %r7, [%rd1];") == "missing acquire"
+    assert barrier_ordering(arrive.replace("gpu", "cta") + "\n" + wait.replace("gpu", "cta")) \
+        == "missing release and acquire"
 
 
 def test_inspect_cli_prints_json():

@@ -12,6 +12,11 @@ the triton wheel reads registers, shared and local (spill) memory and SASS.
 * ``weights_on_chip``: the fraction of the program's ``W_hh`` slice kept on-chip
   (1.0 unless the tile streams, ``block_k > 0``; see ``resident_k``);
 * ``tensor_cores``: whether the SASS has ``HMMA``/``HGMMA`` instructions;
+* ``barrier_ordering``: how the PTX orders memory around the grid barrier:
+  ``"release-acquire"`` (the arrival is a GPU-scope release add, the wait a
+  GPU-scope acquire read: what makes one step's ``h`` visible to every program
+  in the next), ``"none"`` (no barrier: one program per batch tile), or what is
+  missing;
 * ``grid``, ``blocks_per_sm``, ``max_programs``, ``co_resident``: the
   occupancy estimate that bounds a barrier-synchronised grid.
 
@@ -107,6 +112,25 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
     return sig, consts, attrs, grid_h, block_h, block_b
 
 
+_MEMORY_OP = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld|red|atom)\.([\w.]+)", re.M)
+
+
+def barrier_ordering(ptx: str) -> str:
+    """The memory ordering of the PTX's grid barrier; see the module docstring."""
+    release = acquire = atomics = False
+    for op, quals in _MEMORY_OP.findall(ptx):
+        q = set(quals.split("."))
+        scoped = bool(q & {"gpu", "sys"})
+        if op in ("red", "atom"):
+            atomics = True
+            release |= scoped and "add" in q and bool(q & {"release", "acq_rel"})
+        acquire |= scoped and bool(q & {"acquire", "acq_rel"}) and op in ("ld", "atom")
+    if not atomics:
+        return "none"
+    missing = [name for name, ok in (("release", release), ("acquire", acquire)) if not ok]
+    return "release-acquire" if not missing else "missing " + " and ".join(missing)
+
+
 def _weights_loaded_in_loop(ptx: str, w_param_index: int) -> bool:
     """True if a global load inside a loop reads an address derived from param ``w_param_index``."""
     lines = [ln.strip() for ln in ptx.splitlines()]
@@ -198,6 +222,7 @@ def _binary_facts(cell, pass_, dtype, hidden, config, arch, proj=0) -> dict:
                 weights_loaded_in_loop=any(_weights_loaded_in_loop(compiled.asm["ptx"], i)
                                            for i in info.pop("w_indices")),
                 tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
+                barrier_ordering=barrier_ordering(compiled.asm["ptx"]),
                 local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)))
 
 
@@ -236,7 +261,7 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) 
         max_shared_bytes=lim["max_smem_block"],
         co_resident=info["grid_h"] <= max_programs,
         weights_loaded_in_loop=info["weights_loaded_in_loop"], weights_on_chip=on_chip,
-        tensor_cores=info["tensor_cores"],
+        tensor_cores=info["tensor_cores"], barrier_ordering=info["barrier_ordering"],
         local_memory_instructions=info["local_memory_instructions"],
     )
 
