@@ -182,6 +182,27 @@ def test_barrier_ordering_on_hand_written_ptx():
         == "missing release and acquire"
 
 
+def test_facts_read_from_a_binary_are_cached_beside_it(monkeypatch, tmp_path):
+    """Reading a binary's SASS takes most of a warm report's second: the facts are kept in
+    Triton's cache, keyed by the binary and the weight arguments; a damaged entry is
+    read again and rewritten."""
+    from types import SimpleNamespace
+
+    from triton_rnn.kernels import inspect as I
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    reads = []
+    monkeypatch.setattr(I, "_read_binary", lambda c, w: reads.append(w) or {"regs": len(reads)})
+    kernel = SimpleNamespace(hash="0123abcd")
+    assert I._cached_facts(kernel, [3]) == {"regs": 1}
+    assert I._cached_facts(kernel, [3]) == {"regs": 1} and len(reads) == 1
+    assert I._cached_facts(kernel, [3, 4]) == {"regs": 2}  # other weight arguments
+    (entry,) = [p for p in tmp_path.rglob(I._FACTS_FILE) if json.loads(p.read_text())["regs"] == 1]
+    entry.write_text('{"regs": ')
+    assert I._cached_facts(kernel, [3]) == {"regs": 3}
+    assert json.loads(entry.read_text()) == {"regs": 3}
+
+
 def test_inspect_cli_prints_json():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs = [["--cell", "gru", "--hidden", "1024", "--batch", "64", "--dtype", "bfloat16"],

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import json
 import os
 import re
@@ -35,6 +36,10 @@ import subprocess
 import sys
 import tempfile
 from typing import Optional
+
+#: Cached facts are keyed on this module's source too (see :func:`_cached_facts`).
+with open(__file__, "rb") as _f:
+    _SOURCE_DIGEST = hashlib.sha256(_f.read()).hexdigest()
 
 #: Per-architecture limits used for the occupancy estimate.
 ARCH_LIMITS = {
@@ -207,6 +212,41 @@ def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch:
 def _binary_facts(cell, pass_, dtype, hidden, config, arch, proj=0) -> dict:
     """What the compiled binary says, independent of the batch size (a runtime argument)."""
     compiled, info = compile_kernel(cell, pass_, dtype, hidden, config, arch, proj)
+    w_indices = info.pop("w_indices")
+    return dict(info, **_cached_facts(compiled, w_indices))
+
+
+#: The file :func:`_cached_facts` keeps beside Triton's own cache entries.
+_FACTS_FILE = "triton_rnn_static_facts.json"
+
+
+def _cached_facts(compiled, w_indices: list) -> dict:
+    """:func:`_read_binary`, kept in Triton's cache under a key of the binary, the weight
+    arguments and this module's source (so a change to how facts are read is never
+    served stale). Reading the SASS is most of a warm report's time."""
+    from triton.runtime.cache import get_cache_manager
+
+    key = hashlib.sha256(b"".join([compiled.hash.encode(), repr(w_indices).encode(),
+                                   _SOURCE_DIGEST.encode()])).hexdigest()
+    manager = get_cache_manager(key)
+    path = manager.get_file(_FACTS_FILE)
+    if path is not None:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass  # unreadable or damaged: read the binary again, and rewrite it
+    facts = _read_binary(compiled, w_indices)
+    try:
+        manager.put(json.dumps(facts), _FACTS_FILE, binary=False)
+    except OSError:
+        pass  # a read-only cache only costs the next report the same time
+    return facts
+
+
+def _read_binary(compiled, w_indices: list) -> dict:
+    """Registers, stack, local and shared memory (``cuobjdump``), and what the PTX and
+    SASS show (see the module docstring)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -217,10 +257,10 @@ def _binary_facts(cell, pass_, dtype, hidden, config, arch, proj=0) -> dict:
                               capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     regs, stack, static_shared, local = (int(g) for g in m.groups())
-    return dict(info, regs=regs, stack=stack, local=local,
+    return dict(regs=regs, stack=stack, local=local,
                 shared=max(int(compiled.metadata.shared), static_shared),
                 weights_loaded_in_loop=any(_weights_loaded_in_loop(compiled.asm["ptx"], i)
-                                           for i in info.pop("w_indices")),
+                                           for i in w_indices),
                 tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
                 barrier_ordering=barrier_ordering(compiled.asm["ptx"]),
                 local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)))
