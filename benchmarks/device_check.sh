@@ -140,8 +140,35 @@ step import 30 $(r 380) "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; p
 # pytest-xdist (on the GPU image) the tests compile in parallel processes.
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
+HAVE_CUDA=0
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && HAVE_CUDA=1
+# Meanwhile, six processes compile the kernels the benchmark steps below will launch
+# (a few seconds of CPU each, cold: tens of them would otherwise be compiled one after
+# another inside the benchmarks' time limits). Each runs its shapes once at T = 2 with
+# token timing: T and B are not specialised, so the kernels are the ones the real runs
+# use, and Triton's on-disk cache hands them over. They end (or are stopped) before the
+# ceilings and benchmarks run, so nothing else shares the GPU while those time it.
+WARM_PIDS=()
+if ((HAVE_CUDA)); then
+    WARM_ARGS="--seq-len 2 --impls triton,triton_stepwise --no-flashrnn --no-check --rounds 1 --sets 1 --warmup-ms 1 --rep-ms 1 --no-plot"
+    i=0
+    for shard in "--cells gru --hidden 256" "--cells gru --hidden 1024" "--cells lstm --hidden 256" \
+        "--cells lstm --hidden 1024" "--cells lstm --hidden 1024 --proj 256 --batch 16,64" \
+        "--cells gru --hidden 1024 --batch 16 --directions 2,1 --passes fwdbwd"; do
+        i=$((i + 1))
+        timeout -k 5 "$(r 150)" $PY -m triton_rnn.cli bench --quick $shard $WARM_ARGS \
+            --out "/tmp/device-check-warm-$i.json" >"/tmp/device-check-warm-$i.log" 2>&1 &
+        WARM_PIDS+=($!)
+    done
+    log "compiling the benchmarks' kernels in ${#WARM_PIDS[@]} background processes (/tmp/device-check-warm-*.log)"
+fi
 # -v: each result is printed as it finishes, so a step cut short still says which passed.
 step gpu_tests 150 $(r 300) "$PY -m pytest -m gpu $XDIST -v -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py"
+if ((${#WARM_PIDS[@]})); then
+    t0=$(date +%s)
+    wait "${WARM_PIDS[@]}"
+    log "background compiles done (waited $(($(date +%s) - t0)) s more): $(grep -hs "^status:" /tmp/device-check-warm-*.log | tr "\n" " ")"
+fi
 
 # 4. Ceilings: copy bandwidth, matrix rates, grid-barrier latency.
 step floors 75 $(r 265) "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout 40"
@@ -161,8 +188,6 @@ step tune_gru 45 $(r 230) "$PY -m triton_rnn.cli tune --cell gru --hidden 1024 -
 # run dies (a lost CUDA context, a hang), a second run resumes with the rest.
 HAVE_FLASH=0
 $PY -c "import flashrnn" >/dev/null 2>&1 && HAVE_FLASH=1
-HAVE_CUDA=0
-$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && HAVE_CUDA=1
 # The quick grid comes first; then LSTMP (at least 50 s), CUDA graphs (at least 40 s),
 # and FlashRNN gets what is left, at least 70 s if it is there.
 FLASH_RESERVE=$(r $((HAVE_FLASH ? 180 : 110)))
@@ -222,19 +247,36 @@ else
     log "SKIP bench_flashrnn: flashrnn is not importable (carry its wheel under .whl/ to include it)"
 fi
 
-# 11. Summary (always), with the benchmark tables.
+# 11. Summary (always), with the benchmark tables: one Python process renders them all
+# (and bench_quick's plot again, from its final JSON), so the summary adds seconds, not
+# one torch import per table.
 rm -f "$OUTDIR"/*.tmp "$OUTDIR"/*.part
 write_summary
-for name in bench_quick bench_lstmp bench_graphs bench_flashrnn; do
-    if [ -s "$OUTDIR/$name.json" ]; then
-        plot_arg="--no-plot"
-        [ "$name" = bench_quick ] && plot_arg="--plot $OUTDIR/$name.png"
-        echo "## $name" >>"$SUMMARY"
-        echo >>"$SUMMARY"
-        timeout 60 "$PY" -m triton_rnn.cli bench --from-json "$OUTDIR/$name.json" $plot_arg --markdown - \
-            2>>"$LOG" | sed -n '/^### triton-rnn bench/,$p' >>"$SUMMARY"
-    fi
-done
+timeout 90 "$PY" - "$OUTDIR" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import json, sys
+from pathlib import Path
+
+from triton_rnn import bench as B
+
+out = Path(sys.argv[1])
+for name in ("bench_quick", "bench_lstmp", "bench_graphs", "bench_flashrnn"):
+    path = out / f"{name}.json"
+    if not path.is_file() or path.stat().st_size == 0:
+        continue
+    print(f"## {name}\n", flush=True)
+    try:
+        doc = json.loads(path.read_text())
+        md = B.markdown_report(doc)
+    except Exception as e:  # a damaged file must not cost the other tables
+        print(f"({path.name} unreadable: {type(e).__name__}: {e})\n", flush=True)
+        continue
+    print(md, flush=True)
+    if name == "bench_quick":
+        try:
+            B.plot(doc, out / f"{name}.png")
+        except Exception as e:  # the numbers matter more than the picture
+            print(f"plot failed: {type(e).__name__}: {e}", file=sys.stderr)
+EOF
 rm -f "$STEPS_TSV"
 n_files=$(find "$OUTDIR" -type f | wc -l)
 ((n_files > 8)) && log "WARNING: $n_files files in $OUTDIR; the device tool returns 8"
