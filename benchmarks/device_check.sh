@@ -142,13 +142,15 @@ XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
 HAVE_CUDA=0
 $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && HAVE_CUDA=1
-# Meanwhile, six processes compile the kernels the benchmark steps below will launch
+# Meanwhile, seven processes compile the kernels the tuning and benchmark steps below launch
 # (a few seconds of CPU each, cold: tens of them would otherwise be compiled one after
 # another inside the benchmarks' time limits). Each runs its shapes once at T = 2 with
 # token timing: T and B are not specialised, so the kernels are the ones the real runs
 # use, and Triton's on-disk cache hands them over. They end (or are stopped) before the
 # ceilings and benchmarks run, so nothing else shares the GPU while those time it.
 WARM_PIDS=()
+# Step 5's tuning (defined here: its kernels are compiled in the background too).
+TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
 if ((HAVE_CUDA)); then
     WARM_ARGS="--seq-len 2 --impls triton,triton_stepwise --no-flashrnn --no-check --rounds 1 --sets 1 --warmup-ms 1 --rep-ms 1 --no-plot"
     i=0
@@ -160,6 +162,10 @@ if ((HAVE_CUDA)); then
             --out "/tmp/device-check-warm-$i.json" >"/tmp/device-check-warm-$i.log" 2>&1 &
         WARM_PIDS+=($!)
     done
+    # The tuning's candidates too; its timings, taken beside the tests, go to a scratch cache.
+    TRITON_RNN_CACHE_DIR=/tmp/device-check-warm-cache timeout -k 5 "$(r 150)" \
+        $PY -m triton_rnn.cli tune $TUNE_GRU_ARGS >/tmp/device-check-warm-tune.log 2>&1 &
+    WARM_PIDS+=($!)
     log "compiling the benchmarks' kernels in ${#WARM_PIDS[@]} background processes (/tmp/device-check-warm-*.log)"
 fi
 # -v: each result is printed as it finishes, so a step cut short still says which passed.
@@ -182,7 +188,7 @@ FLOORS_ARG=""
 # compiled twice (static check, then the timed launch), so the full set would not fit.
 # (The quick grid below uses the default tiles, as an untuned user gets; LSTM 2048 is
 # tuned at the end, with the time that is left.)
-step tune_gru 45 $(r 230) "$PY -m triton_rnn.cli tune --cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
+step tune_gru 45 $(r 230) "$PY -m triton_rnn.cli tune $TUNE_GRU_ARGS"
 
 # 6. The quick grid against cuDNN. The JSON is rewritten after every shape; if the
 # run dies (a lost CUDA context, a hang), a second run resumes with the rest.
