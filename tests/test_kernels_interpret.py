@@ -116,6 +116,24 @@ def test_packed_unsorted_split_two_layers(poison_empty, kind):
             seed=4)
 
 
+@pytest.mark.parametrize("kind,hidden,proj", [("GRU", 512, 0), ("LSTM", 512, 128)])
+def test_hidden_512_with_the_gpu_default_tiles(poison_empty, kind, hidden, proj):
+    """Real sizes, not only toy ones: hidden 512 with the tiles the launcher picks for an
+    H100/H200 (132 SMs), so the hidden dimension splits over 32 or 16 programs of 16 or
+    32 units, ``W_hh`` is kept as two 256-input K chunks, and 2 rows fill a 16-row batch
+    tile; stepwise here, at T = 2 (a few seconds each). Weights at torch's init scale."""
+    from triton_rnn.kernels import launch
+
+    cell = kind.lower()
+    cfg = {f"{'backward_' if p == 'backward' else ''}config":
+           launch.default_config(cell, p, "float32", hidden, 2, 132, proj)
+           for p in ("forward", "backward")}
+    assert cfg["config"].block_h < hidden
+    case = Case(kind=kind, input_size=64, hidden=hidden, proj=proj, T=2, B=2)
+    compare(case, dtype=torch.float32, kernel_options={**cfg, "mode": "stepwise"}, seed=1,
+            weight_scale=hidden ** -0.5)
+
+
 def _programs_in_reverse_order(monkeypatch) -> list:
     """Make the interpreter run every launch's programs in the opposite order.
 
