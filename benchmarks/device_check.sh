@@ -138,8 +138,11 @@ step import 30 $(r 380) "$PY -c 'import triton_rnn, triton_rnn.kernels.launch; p
 # 3. The GPU-only tests.
 # Compiling dominates (each test builds its own kernels on the host CPU): with
 # pytest-xdist (on the GPU image) the tests compile in parallel processes.
-XDIST=""
-$PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
+GPU_TEST_ARGS=""
+$PY -c "import xdist" >/dev/null 2>&1 && GPU_TEST_ARGS="-n 8"
+# A test that hangs (a grid barrier that never opens, say) is stopped after 90 s, its
+# process with it (a hung kernel ignores signals), and the others go on.
+$PY -c "import pytest_timeout" >/dev/null 2>&1 && GPU_TEST_ARGS="$GPU_TEST_ARGS --timeout 90 --timeout-method thread"
 HAVE_CUDA=0
 $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && HAVE_CUDA=1
 # Meanwhile, seven processes compile the kernels the tuning and benchmark steps below launch
@@ -169,7 +172,7 @@ if ((HAVE_CUDA)); then
     log "compiling the benchmarks' kernels in ${#WARM_PIDS[@]} background processes (/tmp/device-check-warm-*.log)"
 fi
 # -v: each result is printed as it finishes, so a step cut short still says which passed.
-step gpu_tests 150 $(r 300) "$PY -m pytest -m gpu $XDIST -v -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py"
+step gpu_tests 150 $(r 300) "$PY -m pytest -m gpu $GPU_TEST_ARGS -v -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py"
 if ((${#WARM_PIDS[@]})); then
     t0=$(date +%s)
     wait "${WARM_PIDS[@]}"
