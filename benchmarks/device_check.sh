@@ -145,15 +145,16 @@ $PY -c "import xdist" >/dev/null 2>&1 && GPU_TEST_ARGS="-n 8"
 $PY -c "import pytest_timeout" >/dev/null 2>&1 && GPU_TEST_ARGS="$GPU_TEST_ARGS --timeout 90 --timeout-method thread"
 HAVE_CUDA=0
 $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && HAVE_CUDA=1
-# Meanwhile, seven processes compile the kernels the tuning and benchmark steps below launch
+# Meanwhile, eight processes compile the kernels the tuning and benchmark steps below launch
 # (a few seconds of CPU each, cold: tens of them would otherwise be compiled one after
 # another inside the benchmarks' time limits). Each runs its shapes once at T = 2 with
 # token timing: T and B are not specialised, so the kernels are the ones the real runs
 # use, and Triton's on-disk cache hands them over. They end (or are stopped) before the
 # ceilings and benchmarks run, so nothing else shares the GPU while those time it.
 WARM_PIDS=()
-# Step 5's tuning (defined here: its kernels are compiled in the background too).
+# Steps 5 and 9 tune (defined here: their kernels are compiled in the background too).
 TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
+TUNE_LSTM2048_ARGS="--cell lstm --hidden 2048 --batch 16 --dtype bfloat16 --config 16,16,8,1,128,1536 --config 16,16,8,1,128"
 if ((HAVE_CUDA)); then
     WARM_ARGS="--seq-len 2 --impls triton,triton_stepwise --no-flashrnn --no-check --rounds 1 --sets 1 --warmup-ms 1 --rep-ms 1 --no-plot"
     i=0
@@ -165,10 +166,13 @@ if ((HAVE_CUDA)); then
             --out "/tmp/device-check-warm-$i.json" >"/tmp/device-check-warm-$i.log" 2>&1 &
         WARM_PIDS+=($!)
     done
-    # The tuning's candidates too; its timings, taken beside the tests, go to a scratch cache.
-    TRITON_RNN_CACHE_DIR=/tmp/device-check-warm-cache timeout -k 5 "$(r 150)" \
-        $PY -m triton_rnn.cli tune $TUNE_GRU_ARGS >/tmp/device-check-warm-tune.log 2>&1 &
-    WARM_PIDS+=($!)
+    # The tunings' candidates too; their timings, taken beside the tests, go to a scratch cache.
+    for args in "$TUNE_GRU_ARGS" "$TUNE_LSTM2048_ARGS"; do
+        i=$((i + 1))
+        TRITON_RNN_CACHE_DIR=/tmp/device-check-warm-cache timeout -k 5 "$(r 150)" \
+            $PY -m triton_rnn.cli tune $args >"/tmp/device-check-warm-$i.log" 2>&1 &
+        WARM_PIDS+=($!)
+    done
     log "compiling the benchmarks' kernels in ${#WARM_PIDS[@]} background processes (/tmp/device-check-warm-*.log)"
 fi
 # -v: each result is printed as it finishes, so a step cut short still says which passed.
@@ -245,7 +249,7 @@ TUNE_RESERVE=$(r $((HAVE_FLASH ? 80 : 15)))
 now=$(date +%s)
 left=$((DEADLINE - now - TUNE_RESERVE))
 ((left > 40)) && left=40
-step tune_lstm2048 $left $TUNE_RESERVE "$PY -m triton_rnn.cli tune --cell lstm --hidden 2048 --batch 16 --dtype bfloat16 --config 16,16,8,1,128,1536 --config 16,16,8,1,128"
+step tune_lstm2048 $left $TUNE_RESERVE "$PY -m triton_rnn.cli tune $TUNE_LSTM2048_ARGS"
 
 # 10. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
 if ((HAVE_FLASH)); then
