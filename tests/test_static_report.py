@@ -198,9 +198,10 @@ def test_facts_read_from_a_binary_are_cached_beside_it(monkeypatch, tmp_path):
     assert I._cached_facts(kernel, [3]) == {"regs": 1} and len(reads) == 1
     assert I._cached_facts(kernel, [3, 4]) == {"regs": 2}  # other weight arguments
     (entry,) = [p for p in tmp_path.rglob(I._FACTS_FILE) if json.loads(p.read_text())["regs"] == 1]
-    entry.write_text('{"regs": ')
-    assert I._cached_facts(kernel, [3]) == {"regs": 3}
-    assert json.loads(entry.read_text()) == {"regs": 3}
+    for n, damaged in enumerate(['{"regs": ', '[1, 2]'], start=3):
+        entry.write_text(damaged)
+        assert I._cached_facts(kernel, [3]) == {"regs": n}
+        assert json.loads(entry.read_text()) == {"regs": n}
 
 
 def test_inspect_cli_prints_json():

@@ -228,12 +228,17 @@ def _cached_facts(compiled, w_indices: list) -> dict:
 
     key = hashlib.sha256(b"".join([compiled.hash.encode(), repr(w_indices).encode(),
                                    _SOURCE_DIGEST.encode()])).hexdigest()
-    manager = get_cache_manager(key)
+    try:
+        manager = get_cache_manager(key)
+    except (OSError, RuntimeError):  # no usable cache folder: read the binary every time
+        return _read_binary(compiled, w_indices)
     path = manager.get_file(_FACTS_FILE)
     if path is not None:
         try:
             with open(path) as f:
-                return json.load(f)
+                facts = json.load(f)
+            if isinstance(facts, dict):
+                return facts
         except (OSError, ValueError):
             pass  # unreadable or damaged: read the binary again, and rewrite it
     facts = _read_binary(compiled, w_indices)
