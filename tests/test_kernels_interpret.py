@@ -116,22 +116,41 @@ def test_packed_unsorted_split_two_layers(poison_empty, kind):
             seed=4)
 
 
-@pytest.mark.parametrize("kind,hidden,proj", [("GRU", 512, 0), ("LSTM", 512, 128)])
-def test_hidden_512_with_the_gpu_default_tiles(poison_empty, kind, hidden, proj):
-    """Real sizes, not only toy ones: hidden 512 with the tiles the launcher picks for an
-    H100/H200 (132 SMs), so the hidden dimension splits over 32 or 16 programs of 16 or
-    32 units, ``W_hh`` is kept as two 256-input K chunks, and 2 rows fill a 16-row batch
-    tile; stepwise here, at T = 2 (a few seconds each). Weights at torch's init scale."""
+@pytest.mark.parametrize("kind,proj,partly", [("LSTM", 128, False), ("LSTM", 0, True)])
+def test_hidden_512_with_the_gpu_default_tiles(monkeypatch, poison_empty, kind, proj, partly):
+    """Real sizes, not only toy ones: LSTM hidden 512 with the tiles the launcher picks for
+    an H100/H200 (132 SMs), so the hidden dimension splits over 16 or 32 programs of 32
+    or 16 units, and 2 rows fill a 16-row batch tile; stepwise here, at T = 2 (about 10 s
+    each). With proj 128, ``W_hh`` is one 128-input K chunk in the forward and two
+    256-input chunks in the backward, all on-chip; ``partly``: the default tile with the
+    first of its two chunks on-chip and the second streamed 128 inputs at a time, as LSTM
+    2048's default does with 6 of its 8. Weights at torch's init scale. (GRU 512 and
+    1024, LSTM 1024 and 1024 / proj 256 pass too, in 15-26 s each.)"""
+    from dataclasses import replace
+
     from triton_rnn.kernels import launch
 
-    cell = kind.lower()
-    cfg = {f"{'backward_' if p == 'backward' else ''}config":
-           launch.default_config(cell, p, "float32", hidden, 2, 132, proj)
-           for p in ("forward", "backward")}
-    assert cfg["config"].block_h < hidden
+    hidden = 512
+    cfg = {}
+    for p in ("forward", "backward"):
+        tile = launch.default_config(kind.lower(), p, "float32", hidden, 2, 132, proj)
+        assert tile.block_h < hidden and tile.block_k == 0
+        cfg[f"{'backward_' if p == 'backward' else ''}config"] = (
+            replace(tile, block_k=128, resident_k=256) if partly else tile)
+    chunks = []
+    real_launch = launch._launch
+
+    def spy(kernel, plan, tile, T, B, H, R, args, meta, *rest, **kw):
+        chunks.append((meta["KC"], meta["NUM_KC"], meta["NUM_RES"]))
+        return real_launch(kernel, plan, tile, T, B, H, R, args, meta, *rest, **kw)
+
+    monkeypatch.setattr(launch, "_launch", spy)
     case = Case(kind=kind, input_size=64, hidden=hidden, proj=proj, T=2, B=2)
     compare(case, dtype=torch.float32, kernel_options={**cfg, "mode": "stepwise"}, seed=1,
             weight_scale=hidden ** -0.5)
+    # W_hh's K is the hidden size, or the projection size in the forward pass.
+    assert {(256, 2, 1 if partly else 2), (128, 1, 1)} >= set(chunks)
+    assert (256, 2, 1 if partly else 2) in chunks
 
 
 def _programs_in_reverse_order(monkeypatch) -> list:
