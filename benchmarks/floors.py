@@ -9,7 +9,8 @@
 * grid-barrier latency: a tiny Triton kernel that runs N of the library's
   ``grid_barrier`` calls (``triton_rnn.kernels.recurrent.grid_barrier``) over a
   cooperatively launched grid of 1 to 2 x SM-count programs; the latency is
-  ``(t(N) - t(0)) / N`` (microseconds per barrier, by number of programs).
+  ``(t(N) - t(0)) / N`` (microseconds per barrier, by number of programs). A
+  variant that polls differently is timed beside it (see ``_barrier_kernel``).
 
 Every measurement is independent: one that fails is recorded under ``errors``
 and the others go on, and the JSON file is rewritten after each. The barrier is
@@ -99,8 +100,21 @@ def measure_matmul(device, tiny: bool, kind: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _barrier_kernel():
-    """A kernel that runs ``n_iters`` grid barriers of the library over the whole grid."""
+#: Barrier variants timed: the library's, and a candidate to replace it.
+BARRIER_VARIANTS = ("library", "poll")
+
+
+def _barrier_kernel(variant: str = "library"):
+    """A kernel that runs ``n_iters`` grid barriers over the whole grid.
+
+    ``library``: :func:`triton_rnn.kernels.recurrent.grid_barrier`, the kernels' own. On
+    sm_90 its wait compiles to thread 0 reading the counter (``LDG.E.STRONG.GPU``, then
+    ``CCTL.IVALL``) and handing it to the others through shared memory, with two
+    ``BAR.SYNC`` per poll. ``poll``: every thread polls the counter with a volatile load
+    (``LDG.E.STRONG.SYS``, no block barrier per poll), then one acquire read (kept in a
+    loop on its value) orders what follows. Same arrival (a release add). Timed side by side, so a GPU run says whether
+    the kernels should switch.
+    """
     import triton
     import triton.language as tl
 
@@ -115,14 +129,29 @@ def _barrier_kernel():
         for i in range(n_iters):
             grid_barrier(counter_ptr, (i + 1) * n)
 
-    return barrier_loop
+    @triton.jit
+    def poll_loop(counter_ptr, n_iters):
+        n = tl.num_programs(0)
+        for i in range(n_iters):
+            target = (i + 1) * n
+            tl.debug_barrier()
+            tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+            while tl.load(counter_ptr, volatile=True) < target:
+                pass
+            # Once, normally; an acquire read whose value goes unused is dropped by
+            # Triton 3.6 (the static report's barrier_ordering saw it).
+            while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+                pass
+            tl.debug_barrier()
+
+    return {"library": barrier_loop, "poll": poll_loop}[variant]
 
 
 def measure_barrier(device, tiny: bool) -> dict:
+    """Barrier latency by grid size, for the library's barrier (``latency_us``) and the
+    other :data:`BARRIER_VARIANTS` (``variants.<name>``)."""
     import torch
 
-    kernel = _barrier_kernel()
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         grids = sorted({1, 8, 32, max(1, sms // 2), sms, 2 * sms})
@@ -130,12 +159,33 @@ def measure_barrier(device, tiny: bool) -> dict:
     else:
         grids = [1]  # the interpreter runs programs one after another
         n_iters = 4
-    timer = _timer(device)
     out = {"source": "triton_rnn.kernels.recurrent.grid_barrier", "n_iters": n_iters,
-           "latency_us": {}, "raw": {}, "errors": {}}
+           "variants": {}}
+    coop = {"launch_cooperative_grid": True} if device.type == "cuda" else {}
+    for variant in BARRIER_VARIANTS:
+        res = _measure_barrier_variant(_barrier_kernel(variant), device, grids, n_iters, coop)
+        if variant == "library":
+            out.update(res)
+        else:
+            out["variants"][variant] = res
+    out["cooperative"] = bool(coop)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        out["full_grid"] = sms
+        out["latency_us_full"] = out["latency_us"].get(str(sms))
+    return out
+
+
+def _measure_barrier_variant(kernel, device, grids, n_iters, coop) -> dict:
+    """``latency_us``, ``raw`` and ``errors`` of one barrier kernel; ``coop`` is emptied
+    (and ``cooperative_error`` set) if this Triton cannot launch cooperatively."""
+    import torch
+
     from triton_rnn.kernels.launch import COMPILE_OPTIONS
 
-    coop = {"launch_cooperative_grid": True} if device.type == "cuda" else {}
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    timer = _timer(device)
+    out = {"latency_us": {}, "raw": {}, "errors": {}}
 
     def launch(g, n):
         counter.zero_()
@@ -164,11 +214,6 @@ def measure_barrier(device, tiny: bool) -> dict:
         except Exception as e:  # noqa: BLE001 - one grid size failing stops the larger ones
             out["errors"][str(g)] = f"{type(e).__name__}: {e}"
             break
-    out["cooperative"] = bool(coop)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        out["full_grid"] = sms
-        out["latency_us_full"] = out["latency_us"].get(str(sms))
     return out
 
 
@@ -214,7 +259,10 @@ def summarize(path: Path) -> str:
     bw = d.get("copy_bandwidth_gbps")
     lines.append(f"- copy bandwidth: {bw:.0f} GB/s" if bw else "- copy bandwidth: unavailable")
     lines += [f"- matmul {k}: {v:.1f} TFLOP/s" for k, v in (d.get("matmul_tflops") or {}).items()]
-    lines += [f"- grid barrier over {k} programs: {v:.3f} us"
+    variants = d.get("barrier_variants_latency_us") or {}
+    lines += [f"- grid barrier over {k} programs: {v:.3f} us" + "".join(
+                  f" ({name} variant: {lat[k]:.3f} us)" for name, lat in variants.items()
+                  if k in lat)
               for k, v in (d.get("barrier_latency_us") or {}).items()]
     if d.get("errors"):
         lines.append(f"- errors: {json.dumps(d['errors'])[:800]}")
@@ -255,6 +303,7 @@ def main(argv: Optional[list] = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     doc = {"schema": SCHEMA, "tiny": tiny, "env": environment(device), "errors": {},
            "copy_bandwidth_gbps": None, "matmul_tflops": {}, "barrier_latency_us": {},
+           "barrier_variants_latency_us": {},
            "barrier_latency_us_full": None}
     _save(doc, out)
 
@@ -290,8 +339,12 @@ def main(argv: Optional[list] = None) -> int:
             doc["barrier"] = res
             doc["barrier_latency_us"] = res.get("latency_us", {})
             doc["barrier_latency_us_full"] = res.get("latency_us_full")
-            if res.get("errors"):
-                doc["errors"]["barrier"] = res["errors"]
+            doc["barrier_variants_latency_us"] = {
+                k: v.get("latency_us", {}) for k, v in (res.get("variants") or {}).items()}
+            errors = {k: v for k, v in [("library", res.get("errors"))] + [
+                (k, v.get("errors")) for k, v in (res.get("variants") or {}).items()] if v}
+            if errors:
+                doc["errors"]["barrier"] = errors
         step("barrier", barrier)
 
     bw = doc["copy_bandwidth_gbps"]
@@ -299,7 +352,10 @@ def main(argv: Optional[list] = None) -> int:
     for k, v in doc["matmul_tflops"].items():
         print(f"matmul {k}: {v:.2f} TFLOP/s")
     for k, v in doc["barrier_latency_us"].items():
-        print(f"grid barrier, {k} programs: {v:.3f} us")
+        others = "".join(f", {name} {lat[k]:.3f} us"
+                         for name, lat in doc.get("barrier_variants_latency_us", {}).items()
+                         if k in lat)
+        print(f"grid barrier, {k} programs: {v:.3f} us{others}")
     if not doc["barrier_latency_us"]:
         print("grid barrier: unavailable")
     print(f"floors: wrote {out}" + (" (tiny: the numbers mean nothing)" if tiny else ""))
