@@ -206,6 +206,16 @@ def test_drop_reasons_each_rule():
                                            blocks_per_sm=1)) == []
     assert tuner.drop_reasons(clean_report(cfg, grid=[2, 64], programs=128,
                                            blocks_per_sm=1)) == []
+    # A grid barrier without release/acquire (a compiler that dropped one) is unsafe;
+    # without a barrier the ordering does not matter.
+    unordered = clean_report(cfg, grid=[2, 64], programs=128, blocks_per_sm=1,
+                             barrier_ordering="missing acquire")
+    assert "not ordered (missing acquire)" in tuner.drop_reasons(unordered)[0]
+    assert tuner.drop_reasons(clean_report(cfg, grid=[2, 1], programs=2, blocks_per_sm=1,
+                                           barrier_ordering="none")) == []
+    assert "without a grid barrier" in tuner.drop_reasons(
+        clean_report(cfg, grid=[2, 64], programs=128, blocks_per_sm=1,
+                     barrier_ordering="none"))[0]
 
 
 def fake_reports(bad: dict, seen: list = None):

@@ -75,7 +75,8 @@ def drop_reasons(report: dict) -> List[str]:
 
     Reads the keys of ``static_report``: ``local_bytes``/``stack_bytes``
     (spills), ``shared_bytes`` vs ``max_shared_bytes``, ``registers`` and
-    ``num_warps``, and ``grid`` vs ``num_sms * blocks_per_sm``. ``grid`` may be
+    ``num_warps``, ``grid`` vs ``num_sms * blocks_per_sm``, and, for a grid
+    barrier, ``barrier_ordering`` (release on arrival, acquire on the wait). ``grid`` may be
     a number of programs, or ``[grid_b, grid_h]`` as the kernel author's report
     gives it; then the programs that must be resident together for the grid
     barrier are the ``programs`` of a split hidden dimension (``grid_h > 1``;
@@ -116,6 +117,14 @@ def drop_reasons(report: dict) -> List[str]:
             reasons.append(f"grid of {programs} programs cannot be co-resident "
                            f"({int(sms)} SMs x {int(bps)} blocks/SM = {capacity}): "
                            "the grid barrier would deadlock")
+        # "none" (no atomics at all) is only wrong where the report shows a split grid.
+        ordering = report.get("barrier_ordering")
+        if barrier and ordering not in (None, "release-acquire") and (
+                ordering != "none" or isinstance(grid, (list, tuple))):
+            reasons.append(f"grid barrier not ordered ({ordering}): a step could read "
+                           "the previous step's state before it is visible"
+                           if ordering != "none" else
+                           "split hidden dimension compiled without a grid barrier")
     return reasons
 
 
