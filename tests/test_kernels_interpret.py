@@ -116,16 +116,19 @@ def test_packed_unsorted_split_two_layers(poison_empty, kind):
             seed=4)
 
 
-@pytest.mark.parametrize("kind,proj,partly", [("LSTM", 128, False), ("LSTM", 0, True)])
-def test_hidden_512_with_the_gpu_default_tiles(monkeypatch, poison_empty, kind, proj, partly):
+@pytest.mark.parametrize("kind,proj,partly,reverse", [("LSTM", 128, False, True),
+                                                     ("LSTM", 0, True, False)])
+def test_hidden_512_with_the_gpu_default_tiles(monkeypatch, poison_empty, kind, proj, partly,
+                                               reverse):
     """Real sizes, not only toy ones: LSTM hidden 512 with the tiles the launcher picks for
     an H100/H200 (132 SMs), so the hidden dimension splits over 16 or 32 programs of 32
     or 16 units, and 2 rows fill a 16-row batch tile; stepwise here, at T = 2 (about 10 s
     each). With proj 128, ``W_hh`` is one 128-input K chunk in the forward and two
     256-input chunks in the backward, all on-chip; ``partly``: the default tile with the
     first of its two chunks on-chip and the second streamed 128 inputs at a time, as LSTM
-    2048's default does with 6 of its 8. Weights at torch's init scale. (GRU 512 and
-    1024, LSTM 1024 and 1024 / proj 256 pass too, in 15-26 s each.)"""
+    2048's default does with 6 of its 8. Weights at torch's init scale. The projection
+    case runs its programs in the opposite order (see the next test). (GRU 512 and 1024,
+    LSTM 1024 and 1024 / proj 256 pass too, in 15-26 s each.)"""
     from dataclasses import replace
 
     from triton_rnn.kernels import launch
@@ -145,12 +148,14 @@ def test_hidden_512_with_the_gpu_default_tiles(monkeypatch, poison_empty, kind, 
         return real_launch(kernel, plan, tile, T, B, H, R, args, meta, *rest, **kw)
 
     monkeypatch.setattr(launch, "_launch", spy)
+    moved = _programs_in_reverse_order(monkeypatch) if reverse else []
     case = Case(kind=kind, input_size=64, hidden=hidden, proj=proj, T=2, B=2)
     compare(case, dtype=torch.float32, kernel_options={**cfg, "mode": "stepwise"}, seed=1,
             weight_scale=hidden ** -0.5)
     # W_hh's K is the hidden size, or the projection size in the forward pass.
     assert {(256, 2, 1 if partly else 2), (128, 1, 1)} >= set(chunks)
     assert (256, 2, 1 if partly else 2) in chunks
+    assert bool(moved) == reverse
 
 
 def _programs_in_reverse_order(monkeypatch) -> list:
