@@ -47,6 +47,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MPLBACKEND=Agg
 # The tuning cache in /tmp: no platformdirs needed, nothing left in the tree.
 export TRITON_RNN_CACHE_DIR=${TRITON_RNN_CACHE_DIR:-/tmp/triton-rnn-cache}
+# The benchmarks measure the default tiles, as an untuned user gets them: they read an
+# empty tuning cache (the tune steps' entries would otherwise reach them, since a batch
+# size without an entry takes the nearest tuned one's tile).
+UNTUNED="TRITON_RNN_CACHE_DIR=/tmp/device-check-untuned"
+rm -rf /tmp/device-check-untuned
 unset TRITON_INTERPRET
 
 log() { echo "[device_check $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
@@ -59,7 +64,8 @@ step() {
     now=$(date +%s)
     left=$((DEADLINE - now - reserve))
     limit=$((max < left ? max : left))
-    if ((limit < 5)); then
+    # Under 15 s a step cannot even import torch and do something: skip it.
+    if ((limit < 15)); then
         log "SKIP $name: no time left"
         printf '%s\tskipped\t0\t-\n' "$name" >>"$STEPS_TSV"
         LAST_RC=skipped
@@ -152,25 +158,29 @@ $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2
 # use, and Triton's on-disk cache hands them over. They end (or are stopped) before the
 # ceilings and benchmarks run, so nothing else shares the GPU while those time it.
 WARM_PIDS=()
+# They end when the GPU tests must (the same limit), at a lower CPU priority.
+WARM_LIMIT=$((DEADLINE - $(date +%s) - $(r 300)))
+((WARM_LIMIT > 150)) && WARM_LIMIT=150
 # Steps 5 and 9 tune (defined here: their kernels are compiled in the background too).
 TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
 TUNE_LSTM2048_ARGS="--cell lstm --hidden 2048 --batch 16 --dtype bfloat16 --config 16,16,8,1,128,1536 --config 16,16,8,1,128"
-if ((HAVE_CUDA)); then
+if ((HAVE_CUDA && WARM_LIMIT >= 15)); then
     WARM_ARGS="--seq-len 2 --impls triton,triton_stepwise --no-flashrnn --no-check --rounds 1 --sets 1 --warmup-ms 1 --rep-ms 1 --no-plot"
     i=0
     for shard in "--cells gru --hidden 256" "--cells gru --hidden 1024" "--cells lstm --hidden 256" \
         "--cells lstm --hidden 1024" "--cells lstm --hidden 1024 --proj 256 --batch 16,64" \
         "--cells gru --hidden 1024 --batch 16 --directions 2,1 --passes fwdbwd"; do
         i=$((i + 1))
-        timeout -k 5 "$(r 150)" $PY -m triton_rnn.cli bench --quick $shard $WARM_ARGS \
+        env $UNTUNED timeout -k 5 "$WARM_LIMIT" nice -n 10 \
+            $PY -m triton_rnn.cli bench --quick $shard $WARM_ARGS \
             --out "/tmp/device-check-warm-$i.json" >"/tmp/device-check-warm-$i.log" 2>&1 &
         WARM_PIDS+=($!)
     done
     # The tunings' candidates too; their timings, taken beside the tests, go to a scratch cache.
     for args in "$TUNE_GRU_ARGS" "$TUNE_LSTM2048_ARGS"; do
         i=$((i + 1))
-        TRITON_RNN_CACHE_DIR=/tmp/device-check-warm-cache timeout -k 5 "$(r 150)" \
-            $PY -m triton_rnn.cli tune $args >"/tmp/device-check-warm-$i.log" 2>&1 &
+        TRITON_RNN_CACHE_DIR=/tmp/device-check-warm-cache timeout -k 5 "$WARM_LIMIT" \
+            nice -n 10 $PY -m triton_rnn.cli tune $args >"/tmp/device-check-warm-$i.log" 2>&1 &
         WARM_PIDS+=($!)
     done
     log "compiling the benchmarks' kernels in ${#WARM_PIDS[@]} background processes (/tmp/device-check-warm-*.log)"
@@ -184,7 +194,11 @@ if ((${#WARM_PIDS[@]})); then
 fi
 
 # 4. Ceilings: copy bandwidth, matrix rates, grid-barrier latency.
-step floors 75 $(r 265) "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout 40"
+# The barrier is timed last, in a child process with its own limit, inside this step's.
+now=$(date +%s)
+floors_limit=$((DEADLINE - now - $(r 265)))
+((floors_limit > 75)) && floors_limit=75
+step floors 75 $(r 265) "$PY -m benchmarks.floors --out $OUTDIR/floors.json --barrier-timeout $((floors_limit > 60 ? 40 : (floors_limit > 20 ? floors_limit - 20 : 5)))"
 FLOORS_ARG=""
 [ -s "$OUTDIR/floors.json" ] && FLOORS_ARG="--floors $OUTDIR/floors.json"
 
@@ -207,12 +221,12 @@ FLASH_RESERVE=$(r $((HAVE_FLASH ? 180 : 110)))
 now=$(date +%s)
 bench_limit=$((DEADLINE - now - FLASH_RESERVE))
 ((bench_limit > 240)) && bench_limit=240
-step bench_quick $bench_limit $FLASH_RESERVE "$PY -m triton_rnn.cli bench --quick --no-flashrnn $FLOORS_ARG --out $OUTDIR/bench_quick.json --time-budget $((bench_limit > 60 ? bench_limit - 45 : bench_limit / 2))"
+step bench_quick $bench_limit $FLASH_RESERVE "$UNTUNED $PY -m triton_rnn.cli bench --quick --no-flashrnn $FLOORS_ARG --out $OUTDIR/bench_quick.json --time-budget $((bench_limit > 60 ? bench_limit - 45 : bench_limit / 2))"
 if [ "$LAST_RC" != 0 ] && [ "$LAST_RC" != skipped ] && [ -s "$OUTDIR/bench_quick.json" ]; then
     now=$(date +%s)
     left=$((DEADLINE - now - FLASH_RESERVE))
     if ((left > 60)); then
-        step bench_quick_resume $left $FLASH_RESERVE "$PY -m triton_rnn.cli bench --quick --no-flashrnn $FLOORS_ARG --out $OUTDIR/bench_quick.json --resume --time-budget $((left - 40))"
+        step bench_quick_resume $left $FLASH_RESERVE "$UNTUNED $PY -m triton_rnn.cli bench --quick --no-flashrnn $FLOORS_ARG --out $OUTDIR/bench_quick.json --resume --time-budget $((left - 40))"
     fi
 fi
 
@@ -223,7 +237,7 @@ now=$(date +%s)
 left=$((DEADLINE - now - LSTMP_RESERVE))
 ((left > 60)) && left=60
 if ((HAVE_CUDA)); then
-    step bench_lstmp $left $LSTMP_RESERVE "$PY -m triton_rnn.cli bench --quick --cells lstm --hidden 1024 --proj 256 --batch 16,64 --seq-len 256 --dtypes bf16 --passes fwd,fwdbwd --impls triton,torch $FLOORS_ARG --out $OUTDIR/bench_lstmp.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
+    step bench_lstmp $left $LSTMP_RESERVE "$UNTUNED $PY -m triton_rnn.cli bench --quick --cells lstm --hidden 1024 --proj 256 --batch 16,64 --seq-len 256 --dtypes bf16 --passes fwd,fwdbwd --impls triton,torch $FLOORS_ARG --out $OUTDIR/bench_lstmp.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
 else
     log "SKIP bench_lstmp: no CUDA device"
 fi
@@ -237,7 +251,7 @@ now=$(date +%s)
 left=$((DEADLINE - now - GRAPH_RESERVE))
 ((left > 75)) && left=75
 if ((HAVE_CUDA)); then
-    step bench_graphs $left $GRAPH_RESERVE "$PY -m triton_rnn.cli bench --quick --cells gru --hidden 1024 --batch 16 --passes fwdbwd --directions 2,1 --impls triton,triton_one_stream,torch --cuda-graphs $FLOORS_ARG --out $OUTDIR/bench_graphs.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
+    step bench_graphs $left $GRAPH_RESERVE "$UNTUNED $PY -m triton_rnn.cli bench --quick --cells gru --hidden 1024 --batch 16 --passes fwdbwd --directions 2,1 --impls triton,triton_one_stream,torch --cuda-graphs $FLOORS_ARG --out $OUTDIR/bench_graphs.json --no-plot --time-budget $((left > 30 ? left - 20 : 5))"
 else
     log "SKIP bench_graphs: no CUDA device"
 fi
@@ -255,7 +269,7 @@ step tune_lstm2048 $left $TUNE_RESERVE "$PY -m triton_rnn.cli tune $TUNE_LSTM204
 if ((HAVE_FLASH)); then
     now=$(date +%s)
     left=$((DEADLINE - now - 20))
-    step bench_flashrnn $left 20 "$PY -m triton_rnn.cli bench --quick --cells lstm,gru --hidden 1024 --batch 64 --impls triton,torch,flashrnn $FLOORS_ARG --out $OUTDIR/bench_flashrnn.json --no-plot --time-budget $((left > 40 ? left - 30 : 5))"
+    step bench_flashrnn $left 20 "$UNTUNED $PY -m triton_rnn.cli bench --quick --cells lstm,gru --hidden 1024 --batch 64 --impls triton,torch,flashrnn $FLOORS_ARG --out $OUTDIR/bench_flashrnn.json --no-plot --time-budget $((left > 40 ? left - 30 : 5))"
 else
     log "SKIP bench_flashrnn: flashrnn is not importable (carry its wheel under .whl/ to include it)"
 fi

@@ -123,13 +123,14 @@ def _barrier_kernel(variant: str = "library"):
     # A jitted function resolves the functions it calls in its module's globals.
     globals()["grid_barrier"] = grid_barrier
 
-    @triton.jit
+    # n_iters is 1, 0 and 1000: not specialised, one compile each.
+    @triton.jit(do_not_specialize=["n_iters"])
     def barrier_loop(counter_ptr, n_iters):
         n = tl.num_programs(0)
         for i in range(n_iters):
             grid_barrier(counter_ptr, (i + 1) * n)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_iters"])
     def poll_loop(counter_ptr, n_iters):
         n = tl.num_programs(0)
         for i in range(n_iters):
@@ -147,9 +148,11 @@ def _barrier_kernel(variant: str = "library"):
     return {"library": barrier_loop, "poll": poll_loop}[variant]
 
 
-def measure_barrier(device, tiny: bool) -> dict:
+def measure_barrier(device, tiny: bool, on_progress: Optional[Callable[[dict], None]] = None
+                    ) -> dict:
     """Barrier latency by grid size, for the library's barrier (``latency_us``) and the
-    other :data:`BARRIER_VARIANTS` (``variants.<name>``)."""
+    other :data:`BARRIER_VARIANTS` (``variants.<name>``). ``on_progress`` gets the result
+    so far after each variant (the child process saves it: a kill keeps what was done)."""
     import torch
 
     if device.type == "cuda":
@@ -168,7 +171,9 @@ def measure_barrier(device, tiny: bool) -> dict:
             out.update(res)
         else:
             out["variants"][variant] = res
-    out["cooperative"] = bool(coop)
+        out["cooperative"] = bool(coop)
+        if on_progress is not None:
+            on_progress(out)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         out["full_grid"] = sms
@@ -229,8 +234,13 @@ def _barrier_in_child(device, tiny: bool, timeout_s: float) -> dict:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
                                   cwd=root)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"barrier measurement did not finish in {timeout_s:.0f} s "
-                               "(a barrier that never returns?)") from None
+            msg = (f"barrier measurement did not finish in {timeout_s:.0f} s "
+                   "(a barrier that never returns?)")
+            if not path.exists():
+                raise RuntimeError(msg) from None
+            res = json.loads(path.read_text())  # the variants measured before the limit
+            res.setdefault("errors", {})["child"] = msg
+            return res
         if path.exists():
             res = json.loads(path.read_text())
             if proc.returncode != 0:
@@ -295,7 +305,7 @@ def main(argv: Optional[list] = None) -> int:
     out = Path(args.out)
 
     if args.barrier_only:
-        _save(measure_barrier(device, tiny), out)
+        _save(measure_barrier(device, tiny, on_progress=lambda res: _save(res, out)), out)
         return 0
 
     from triton_rnn.bench import environment
