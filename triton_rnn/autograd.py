@@ -66,6 +66,9 @@ def _rows_at(t_index: Tensor):
 _PER_DIRECTION = ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 #: And keeps for the backward (after the input, which the directions share).
 _SAVED_PER_DIRECTION = 10
+#: Kernel buffers per direction that the forward returns for the backward
+#: (``hbuf, cseq, saved, mbuf``), after the user-facing outputs.
+_KEPT_PER_DIRECTION = 4
 
 
 class RecurrenceFunction(torch.autograd.Function):
@@ -80,10 +83,17 @@ class RecurrenceFunction(torch.autograd.Function):
     beside ``W_hh`` (``[4H, P]``): ``4H x P + P x H`` multiply-adds per step and
     row, and a second grid barrier when the hidden size is split. The kernel
     keeps every ``m_t`` and, in the backward, every ``dh_t`` for ``dW_hr``.
+
+    ``forward`` and ``setup_context`` are apart, and the kernel buffers the backward
+    reads are returned as non-differentiable outputs, so ``torch.func`` transforms
+    work: ``grad``/``vjp`` directly, ``vmap`` through the kernel ops' vmap rules.
     """
 
+    #: torch.vmap runs forward and backward on vmapped tensors; the kernel ops have vmap rules.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, meta, *tensors):
+    def forward(x, meta, *tensors):
         cell, reverses, lengths, bsz, cfg_f, cfg_b, mode, needs_grad, pairs, overlap = meta
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
@@ -102,7 +112,7 @@ class RecurrenceFunction(torch.autograd.Function):
             [_contiguous(d[6]) for d in dirs], lengths, bsz, reverse=list(reverses), mode=mode,
             config=cfg_f, backward_config=cfg_b, save=needs_grad, overlap=overlap,
             pair=pairs and pairs[0])
-        outputs, to_save = [], [x]
+        outputs, kept = [], []
         for (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), reverse, run in zip(dirs, reverses, runs):
             hbuf, hst, cseq, saved, mbuf = run
             out = launch.output_view(hbuf, reverse)
@@ -112,17 +122,34 @@ class RecurrenceFunction(torch.autograd.Function):
             outputs += [out, hst.to(x.dtype) if w_hr is None else out[last]]
             if cseq is not None:
                 outputs.append(cseq[last].to(x.dtype))
-            to_save += [h0, c0, w_ih, w_hh, b_hh, w_hr, hbuf, cseq, saved, mbuf]
+            kept += [hbuf, cseq, saved, mbuf]
+        # What the backward reads is returned too (not differentiable), rather than saved
+        # here: torch.func transforms need forward and setup_context apart.
+        return (*outputs, *kept)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, meta, *tensors = inputs
+        kept = output[len(output) - _KEPT_PER_DIRECTION * len(meta[1]):]
+        ctx.mark_non_differentiable(*(t for t in kept if t is not None))
+        # The buffers get no gradient; neither do unused outputs: None, not zeros.
+        ctx.set_materialize_grads(False)
+        n = len(_PER_DIRECTION)
+        to_save = [x]
+        for d in range(len(meta[1])):
+            h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = tensors[d * n:(d + 1) * n]
+            to_save += [h0, c0, w_ih, w_hh, b_hh, w_hr,
+                        *kept[d * _KEPT_PER_DIRECTION:(d + 1) * _KEPT_PER_DIRECTION]]
         ctx.meta = meta
         ctx.save_for_backward(*to_save)
-        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
+        if _backward_differentiated(ctx.saved_tensors, grads):
             raise RuntimeError(
-                "triton_rnn: double backward (create_graph=True) through the Triton RNN kernels "
-                "is not supported; use backend='torch' for higher-order gradients.")
+                "triton_rnn: higher-order gradients through the Triton RNN kernels (double "
+                "backward with create_graph=True, or nested torch.func grad/vjp) are not "
+                "supported; use backend='torch' for them.")
         with torch.no_grad():
             return RecurrenceFunction._backward(ctx, grads)
 
@@ -160,6 +187,31 @@ class RecurrenceFunction(torch.autograd.Function):
             dx = dx_d if dx is None else dx + dx_d
             out += grads_d
         return (dx, None, *out)
+
+
+def _differentiable(*groups) -> bool:
+    """Whether any tensor in ``groups`` (sequences, ``None`` allowed) requires a gradient."""
+    return any(t is not None and t.requires_grad for g in groups for t in g)
+
+
+def _backward_differentiated(saved, grads) -> bool:
+    """Whether something will differentiate the backward being run (which the kernels
+    cannot support): ``create_graph=True`` eagerly, or a ``torch.func`` gradient
+    transform outside the one that recorded it. ``torch.func`` itself runs every
+    backward with ``create_graph``, so that alone says nothing under its transforms."""
+    if torch.compiler.is_compiling():  # Dynamo traces the backward: no functorch state
+        return torch.is_grad_enabled()
+    F = torch._C._functorch
+    kinds = (F.TransformType.Grad, F.TransformType.Jvp)
+    active = [ci.level() for ci in (F.get_interpreter_stack() or ()) if ci.key() in kinds]
+    # A tensor's transform level: -1 for a plain tensor, -2 once its transform has exited.
+    levels = [F.maybe_get_level(t) for t in saved if t is not None]
+    recorded = max(levels, default=-1)
+    if recorded >= 0:  # grad(f): recorded at a live level; outer levels differentiate it
+        return any(level < recorded for level in active)
+    if active or -2 in levels:  # the function a finished vjp returned, called later
+        return bool(active)
+    return torch.is_grad_enabled() and _differentiable(saved, grads)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -254,7 +306,12 @@ def _layer(cell: str, x: Tensor, directions: list, reverses: list, lengths: Opti
         t is not None and t.requires_grad for t in (x, *tensors))
     meta = (cell, tuple(reverses), lengths, bsz, config, backward_config, mode, needs_grad,
             pairs, overlap)
-    res = RecurrenceFunction.apply(x.contiguous(), meta, *tensors)
+    # Without a gradient to compute no autograd node is needed. (Dynamo would also call a
+    # forward with ``*tensors`` and a separate setup_context with a ctx, under no_grad.)
+    plain = not needs_grad and (torch.compiler.is_compiling()
+                                or not ops.transformed(x, tensors))  # torch.func: jvp, vmap
+    run = RecurrenceFunction.forward if plain else RecurrenceFunction.apply
+    res = run(x.contiguous(), meta, *tensors)  # then the buffers kept for the backward
     if not CELL_SPECS[cell].has_c:
         return [(res[2 * d], res[2 * d + 1], None) for d in range(len(directions))]
     return [tuple(res[3 * d:3 * d + 3]) for d in range(len(directions))]
@@ -269,7 +326,7 @@ def _view_leaves(*tensors):
 def _overlaps(x: Tensor, n_directions: int, overlap_directions: bool) -> bool:
     """Whether :func:`triton_directions` runs the two directions on two streams, eagerly."""
     return (n_directions == 2 and bool(overlap_directions) and x.device.type == "cuda"
-            and x.shape[1] > 0)
+            and x.shape[1] > 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def triton_directions(cell: str, x: Tensor, directions: list, *,

@@ -16,6 +16,10 @@ products that the compiler sees. (Dynamo itself does not trace into
 ``torch._dynamo.config.allow_rnn`` is set; :func:`triton_rnn.functional.rnn`
 it traces as it is.)
 
+Under ``torch.func`` transforms (``vmap``, ``grad``, ...) they also go through the
+custom ops, whose vmap rules fold a vmapped dimension into the batch (or, for
+vmapped weights, run one launch per index).
+
 Arguments are lists with one entry per direction; the ops return the
 launcher's five tensors per direction, flat, with an empty tensor where the
 launcher returns ``None``; the wrappers here turn them back into ``None``.
@@ -153,6 +157,15 @@ def _nones(flat: Sequence[Tensor], present: Callable) -> list:
             for d in range(len(flat) // 5)]
 
 
+def transformed(*groups) -> bool:
+    """Whether a ``torch.func`` transform wraps any tensor in ``groups`` (each a tensor, a
+    list of them or ``None``): the kernels then run through the custom ops, whose vmap
+    rules below unwrap them."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t)
+               for g in groups for t in (g if isinstance(g, (list, tuple)) else (g,)))
+
+
 @torch.library.custom_op("triton_rnn::recurrence_forward", mutates_args=())
 def _forward_op(cell: str, xg: List[Tensor], w_hh: List[Tensor], b_hn: List[Optional[Tensor]],
                 h0: List[Tensor], c0: List[Optional[Tensor]], w_hr: List[Optional[Tensor]],
@@ -190,6 +203,88 @@ def _backward_fake(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr
                     for d in range(len(dout))], dout[0])
 
 
+# torch.vmap (and so per-sample gradients, vmap(grad(...))) over the kernels. The rows of
+# every per-row argument lie along its batch dimension (1 in a [T, B, ...] tensor, 0 in a
+# [B, ...] state), so a vmapped dimension folds into it: row b * V + v. With the weights
+# shared (not vmapped) that is one launch on V times the batch. Vmapped weights (an
+# ensemble over stacked parameters) or packed lengths run one launch per vmapped index.
+
+def _batch_dim(t: Tensor, vdim: Optional[int]) -> int:
+    """The batch dimension of ``t``'s per-example shape: 1 for ``[T, B, X]``, 0 for ``[B, X]``."""
+    return 1 if t.dim() - (vdim is not None) == 3 else 0
+
+
+def _fold(t: Optional[Tensor], vdim: Optional[int], V: int) -> Optional[Tensor]:
+    """``t`` with its vmapped dimension ``vdim`` (``None``: shared, so repeated) merged into
+    its batch dimension, vmapped index innermost; contiguous."""
+    if t is None:
+        return None
+    bd = _batch_dim(t, vdim)
+    if vdim is None:
+        t = t.unsqueeze(bd + 1).expand(*t.shape[:bd + 1], V, *t.shape[bd + 1:])
+    else:
+        t = t.movedim(vdim, bd + 1)
+    # reshape keeps an expanded (stride 0) dimension as a view where it can.
+    return t.reshape(*t.shape[:bd], -1, *t.shape[bd + 2:]).contiguous()
+
+
+def _unfold(flat: Sequence[Tensor], V: int):
+    """The op's outputs on the folded batch back to ``(outputs, out_dims)``; the empty
+    placeholders (:func:`_filled`) are not vmapped."""
+    outs, dims = [], []
+    for t in flat:
+        if t.numel() == 0 and t.dim() == 1:
+            outs.append(t)
+            dims.append(None)
+            continue
+        bd = 1 if t.dim() == 3 else 0
+        outs.append(t.view(*t.shape[:bd], -1, V, *t.shape[bd + 1:]))
+        dims.append(bd + 1)
+    return outs, dims
+
+
+def _select(arg, vdim, v: int):
+    """Index ``v`` of an argument's vmapped dimension (lists element-wise)."""
+    if isinstance(arg, (list, tuple)):
+        return [_select(a, d, v) for a, d in zip(arg, vdim)]
+    return arg.select(vdim, v) if vdim is not None else arg
+
+
+def _vmapped(dims) -> bool:
+    return any(d is not None for d in (dims if isinstance(dims, (list, tuple)) else (dims,)))
+
+
+def _vmap_rule(op, per_row: Sequence[int], weights: Sequence[int], lengths_at: Optional[int],
+               batch_sizes_at: int):
+    """A ``register_vmap`` rule for ``op``, whose arguments at ``per_row`` are lists of
+    per-row tensors, at ``weights`` lists of weights, and at ``lengths_at`` and
+    ``batch_sizes_at`` the packing (``lengths_at`` ``None``: the op takes no lengths)."""
+    packing = [i for i in (lengths_at, batch_sizes_at) if i is not None]
+
+    def rule(info, in_dims, *args):
+        V = info.batch_size
+        if any(_vmapped(in_dims[i]) for i in (*weights, *packing)):
+            runs = [op(*(_select(a, d, v) for a, d in zip(args, in_dims))) for v in range(V)]
+            return [torch.stack(outs) for outs in zip(*runs)], [0] * len(runs[0])
+        args = list(args)
+        for i in per_row:
+            args[i] = [_fold(t, d, V) for t, d in zip(args[i], in_dims[i])]
+        if lengths_at is not None and args[lengths_at] is not None:
+            args[lengths_at] = args[lengths_at].repeat_interleave(V)  # still decreasing
+        if args[batch_sizes_at] is not None:
+            args[batch_sizes_at] = args[batch_sizes_at] * V  # live rows per step
+        return _unfold(op(*args), V)
+    return rule
+
+
+# (cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes, ...)
+_forward_op.register_vmap(_vmap_rule(_forward_op, per_row=(1, 4, 5), weights=(2, 3, 6),
+                                     lengths_at=7, batch_sizes_at=8))
+# (cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr, batch_sizes, ...)
+_backward_op.register_vmap(_vmap_rule(_backward_op, per_row=(1, 2, 3, 5, 6, 7, 8, 9),
+                                      weights=(4, 10), lengths_at=None, batch_sizes_at=11))
+
+
 def recurrence_forward(cell: str, xg: List[Tensor], w_hh: List[Tensor],
                        b_hn: List[Optional[Tensor]], h0: List[Tensor],
                        c0: List[Optional[Tensor]], w_hr: List[Optional[Tensor]],
@@ -210,7 +305,7 @@ def recurrence_forward(cell: str, xg: List[Tensor], w_hh: List[Tensor],
     mbuf)`` as the launcher does. ``pair``: this single direction's partner runs on
     another stream (:class:`~triton_rnn.kernels.launch.DirectionPair`; eager only).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transformed(xg, w_hh, b_hn, h0, c0, w_hr):
         flat = torch.ops.triton_rnn.recurrence_forward(
             cell, xg, w_hh, b_hn, h0, c0, w_hr, lengths, batch_sizes, reverse, mode,
             _fields(config), _fields(backward_config), save, overlap)
@@ -233,7 +328,8 @@ def recurrence_backward(cell: str, dout: List[Tensor], dh_n: List[Tensor],
 
     Returns, per direction, ``(dgh, dxn, dh_state, dc_state, dhseq)`` as the launcher does.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transformed(dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq,
+                                                     saved, w_hr):
         spec = CELL_SPECS[cell]
         flat = torch.ops.triton_rnn.recurrence_backward(
             cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr, batch_sizes,

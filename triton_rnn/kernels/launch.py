@@ -463,8 +463,14 @@ def _launch(kernel, plan: _Plan, cfg: KernelConfig, T: int, B: int, H: int, R: i
     on the current CUDA device and its current stream, so the tensors' device is
     made current first (a model on ``cuda:1`` while ``cuda:0`` is current).
     ``pair`` is given when the other direction of the layer runs on another
-    stream (see :class:`DirectionPair`).
+    stream (see :class:`DirectionPair`). The kernels index their tensors as dense and
+    row-major, so a strided one (an expanded state, say) is refused, not misread.
     """
+    strided = [f"argument {i} {tuple(a.shape)} strides {a.stride()}"
+               for i, a in enumerate(args) if not a.is_contiguous()]
+    if strided:
+        raise ValueError(f"triton_rnn {what}: the kernel needs contiguous tensors; got "
+                         + "; ".join(strided))
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:  # a tensor's device: indexed
         with torch.cuda.device(device.index):
