@@ -3,7 +3,8 @@
 Run by whoever has a GPU (``benchmarks/device_check.sh`` runs ``pytest -m gpu``):
 every cell against float64 torch.nn on the same GPU, the split-hidden barrier
 path in one persistent launch, partly and fully streamed weights, packed sequences,
-a long sequence, and a sequence longer than cuDNN's 65,535-step limit.
+a long sequence, a sequence longer than cuDNN's 65,535-step limit, and per-sample
+gradients through ``torch.func``.
 """
 
 import copy
@@ -353,3 +354,32 @@ def test_torch_compile_on_gpu(monkeypatch):
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     for g, e in zip(torch.autograd.grad(got, list(rnn.parameters())), expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,hidden", [("GRU", 512), ("LSTM", 256)])
+def test_per_sample_gradients_with_vmap(kind, hidden):
+    """torch.func.vmap(grad(...)) through the compiled kernels: the vmapped samples fold
+    into the batch (one persistent launch per direction), every sample's parameter
+    gradients against float64 torch.nn on that sample alone."""
+    from torch.func import functional_call, grad, vmap
+
+    _no_fallback()
+    torch.manual_seed(7)
+    I, T, V = 64, 32, 8
+    ref = getattr(torch.nn, kind)(I, hidden, bidirectional=True).cuda().double()
+    ours = getattr(triton_rnn, kind)(I, hidden, bidirectional=True).cuda()
+    ours.load_state_dict(ref.state_dict())
+    xs = torch.randn(V, T, I, device="cuda", dtype=torch.float64)
+    ws = torch.randn(V, T, 2 * hidden, device="cuda", dtype=torch.float64)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def loss(p, x, w):
+        return (functional_call(ours, p, (x,))[0] * w).sum()
+
+    got = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs.float(), ws.float())
+    for v in range(V):
+        ref.zero_grad()
+        (ref(xs[v])[0] * ws[v]).sum().backward()
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(got[k][v].double(), p.grad, **GPU_GRAD_TOL[torch.float32],
+                                       msg=lambda m: f"sample {v}, d {k}: {m}")
