@@ -131,7 +131,10 @@ class RecurrenceFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, meta, *tensors = inputs
         kept = output[len(output) - _KEPT_PER_DIRECTION * len(meta[1]):]
-        ctx.mark_non_differentiable(*(t for t in kept if t is not None))
+        if not torch.compiler.is_compiling():
+            # (Dynamo in torch 2.11 fails on this with dynamic shapes; the compiled graph
+            # drops these outputs anyway.)
+            ctx.mark_non_differentiable(*(t for t in kept if t is not None))
         # The buffers get no gradient; neither do unused outputs: None, not zeros.
         ctx.set_materialize_grads(False)
         n = len(_PER_DIRECTION)
