@@ -1,14 +1,16 @@
 """``torch.func`` transforms through the Triton kernels, in Triton's interpreter, against
 float64 ``torch.nn``: ``grad``, ``vmap`` over inputs (one launch on the folded batch),
-per-sample gradients (``vmap`` of ``grad``), ``vmap`` over stacked parameters (an
-ensemble: one launch per member), ``jacrev``, and the kernel ops' vmap rules with packed
+per-sample gradients (``vmap`` of ``grad``), ``grad`` of ``vmap``, ``vmap`` over stacked
+parameters (an ensemble: one launch per member; also with eager ``backward``), ``jacrev``, and the kernel ops' vmap rules with packed
 rows. Higher-order gradients and forward mode raise clear errors.
 """
 
+import copy
 import os
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vjp, vmap
 
 import triton_rnn
@@ -167,13 +169,33 @@ def test_vmap_over_stacked_parameters(monkeypatch, poison_empty):
     assert calls == [2] * (V * _launches(base))
     got = vmap(lambda p: grad(lambda q: (functional_call(base, q, (x.float(),))[0]
                                          * weight.float()).sum())(p))(params)
+    # Eager autograd through vmap: only the stacked parameters require a gradient.
+    (vmap(lambda p: functional_call(base, p, (x.float(),))[0])(params)
+     * weight.float()).sum().backward()
     for v, (_, ref, _) in enumerate(pairs):
         r_out = ref(x)[0]
         torch.testing.assert_close(out[v].double(), r_out, **TOLERANCES[torch.float32])
         (r_out * weight).sum().backward()
         for k, p in ref.named_parameters():
-            torch.testing.assert_close(got[k][v].double(), p.grad,
-                                       **GRAD_TOLERANCES[torch.float32])
+            for ours in (got[k][v], params[k].grad[v]):
+                torch.testing.assert_close(ours.double(), p.grad,
+                                           **GRAD_TOLERANCES[torch.float32])
+
+
+def test_grad_of_vmap(poison_empty):
+    """grad over a vmapped batch of sequences (the vmap is inside the gradient transform)."""
+    ours, ref, gen = _pair("lstm-proj-bidirectional", seed=7)
+    xs = torch.randn(V, T, I, generator=gen, dtype=torch.float64)
+    weights = torch.randn(V, T, _out_size(ref), generator=gen, dtype=torch.float64)
+
+    def loss(p):
+        out = vmap(lambda xx: functional_call(ours, p, (xx,))[0])(xs.float())
+        return (out * weights.float()).sum()
+
+    got = grad(loss)(_params(ours))
+    sum((ref(xs[v])[0] * weights[v]).sum() for v in range(V)).backward()
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(got[k].double(), p.grad, **GRAD_TOLERANCES[torch.float32])
 
 
 def test_jacrev_matches_float64(poison_empty):
@@ -242,8 +264,14 @@ def test_higher_order_gradients_and_forward_mode_raise():
     xr = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match=higher):
         torch.autograd.grad(ours(xr)[0].sum(), xr, create_graph=True)
+    with pytest.raises(RuntimeError, match=higher):  # eagerly through vmap
+        xs = torch.randn(V, T, I, generator=gen, requires_grad=True)
+        torch.autograd.grad(vmap(lambda xx: ours(xx)[0])(xs).sum(), xs, create_graph=True)
     with pytest.raises(NotImplementedError, match="jvp"):
         jvp(f, (x,), (torch.randn_like(x),))
+    frozen = copy.deepcopy(ours).requires_grad_(False)
+    with pytest.raises(NotImplementedError, match="jvp"), fwAD.dual_level():
+        frozen(fwAD.make_dual(x, torch.randn_like(x)))
     # A vjp's function called after the transform has ended is first order: fine.
     out, fn = vjp(f, x)
     assert fn(torch.ones(()))[0].shape == x.shape

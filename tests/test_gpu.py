@@ -383,3 +383,30 @@ def test_per_sample_gradients_with_vmap(kind, hidden):
         for k, p in ref.named_parameters():
             torch.testing.assert_close(got[k][v].double(), p.grad, **GPU_GRAD_TOL[torch.float32],
                                        msg=lambda m: f"sample {v}, d {k}: {m}")
+
+
+def test_ensemble_vmap_over_stacked_parameters():
+    """vmap over the stacked weights of bidirectional members (one launch per member, on
+    one stream: vmapped tensors cannot be recorded on the side stream), values and
+    gradients against each member in float64."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    _no_fallback()
+    torch.manual_seed(8)
+    I, H, T, B = 64, 256, 32, 4
+    refs = [torch.nn.GRU(I, H, bidirectional=True).cuda().double() for _ in range(3)]
+    members = [triton_rnn.GRU(I, H, bidirectional=True).cuda() for _ in refs]
+    for m, r in zip(members, refs):
+        m.load_state_dict(r.state_dict())
+    params, _ = stack_module_state(members)
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
+    w = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float64)
+    out = vmap(lambda p: functional_call(members[0], p, (x.float(),))[0])(params)
+    (out * w.float()).sum().backward()
+    for v, r in enumerate(refs):
+        r_out = r(x)[0]
+        torch.testing.assert_close(out[v].double(), r_out, **GPU_TOL[torch.float32])
+        (r_out * w).sum().backward()
+        for k, p in r.named_parameters():
+            torch.testing.assert_close(params[k].grad[v].double(), p.grad,
+                                       **GPU_GRAD_TOL[torch.float32])

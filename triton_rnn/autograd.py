@@ -148,7 +148,7 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if _backward_differentiated(ctx.saved_tensors, grads):
+        if _backward_differentiated(ctx, grads):
             raise RuntimeError(
                 "triton_rnn: higher-order gradients through the Triton RNN kernels (double "
                 "backward with create_graph=True, or nested torch.func grad/vjp) are not "
@@ -172,9 +172,9 @@ class RecurrenceFunction(torch.autograd.Function):
             R = w_hh.shape[1]  # the recurrent width: H, or the projection size
             douts.append(torch.zeros(T, B, R, dtype=x.dtype, device=dev) if dout is None
                          else dout.contiguous())
-            dh_ns.append(torch.zeros_like(h0) if dh_n is None else dh_n.contiguous())
+            dh_ns.append(h0.new_zeros(h0.shape) if dh_n is None else dh_n.contiguous())
             dc_ns.append(None if not spec.has_c else
-                         torch.zeros_like(c0) if dc[0] is None else dc[0].contiguous())
+                         c0.new_zeros(c0.shape) if dc[0] is None else dc[0].contiguous())
         runs = ops.recurrence_backward(
             cell, douts, dh_ns, dc_ns, [d[3].contiguous() for d in dirs], [d[6] for d in dirs],
             [d[0].contiguous() for d in dirs], [_contiguous(d[1]) for d in dirs],
@@ -192,12 +192,28 @@ class RecurrenceFunction(torch.autograd.Function):
         return (dx, None, *out)
 
 
-def _differentiable(*groups) -> bool:
-    """Whether any tensor in ``groups`` (sequences, ``None`` allowed) requires a gradient."""
-    return any(t is not None and t.requires_grad for g in groups for t in g)
+def _grad_levels(t: Tensor) -> list:
+    """The levels of the ``torch.func`` gradient wrappers around ``t``, outermost first,
+    looking through vmap's (-2 for one whose transform has ended)."""
+    F = torch._C._functorch
+    levels = []
+    while F.is_functorch_wrapped_tensor(t):
+        if F.is_gradtrackingtensor(t):
+            levels.append(F.maybe_get_level(t))
+        t = F.get_unwrapped(t)
+    return levels
 
 
-def _backward_differentiated(saved, grads) -> bool:
+def _requires_grad(t: Tensor) -> bool:
+    """``t.requires_grad``, looking through ``torch.func`` wrappers: a vmapped tensor
+    says False even when the tensor it maps over requires a gradient."""
+    F = torch._C._functorch
+    while not t.requires_grad and F.is_functorch_wrapped_tensor(t):
+        t = F.get_unwrapped(t)
+    return t.requires_grad
+
+
+def _backward_differentiated(ctx, grads) -> bool:
     """Whether something will differentiate the backward being run (which the kernels
     cannot support): ``create_graph=True`` eagerly, or a ``torch.func`` gradient
     transform outside the one that recorded it. ``torch.func`` itself runs every
@@ -207,14 +223,17 @@ def _backward_differentiated(saved, grads) -> bool:
     F = torch._C._functorch
     kinds = (F.TransformType.Grad, F.TransformType.Jvp)
     active = [ci.level() for ci in (F.get_interpreter_stack() or ()) if ci.key() in kinds]
-    # A tensor's transform level: -1 for a plain tensor, -2 once its transform has exited.
-    levels = [F.maybe_get_level(t) for t in saved if t is not None]
-    recorded = max(levels, default=-1)
-    if recorded >= 0:  # grad(f): recorded at a live level; outer levels differentiate it
-        return any(level < recorded for level in active)
-    if active or -2 in levels:  # the function a finished vjp returned, called later
+    # The gradient transform that recorded this node: each saved tensor's outermost
+    # gradient wrapper (-2 once that transform has ended).
+    recorded = [lv[0] for lv in map(_grad_levels, (t for t in ctx.saved_tensors
+                                                     if t is not None)) if lv]
+    if recorded and -2 not in recorded:  # grad(f), still running: outer levels differentiate
+        return any(level < max(recorded) for level in active)
+    if recorded or active:  # the function of a vjp that has ended, called later
         return bool(active)
-    return torch.is_grad_enabled() and _differentiable(saved, grads)
+    needs_grad = ctx.meta[7]  # some input required a gradient
+    return torch.is_grad_enabled() and (
+        needs_grad or any(g is not None and _requires_grad(g) for g in grads))
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -305,15 +324,16 @@ def _layer(cell: str, x: Tensor, directions: list, reverses: list, lengths: Opti
         bsz = (lengths.view(1, -1) > steps.view(-1, 1)).sum(1).to(torch.int32).to(x.device)
     tensors = [t for d in directions for t in d]
     # Inference (no gradient needed) skips writing the activations the backward reads.
+    compiling = torch.compiler.is_compiling()  # (Dynamo cannot trace functorch's checks)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *tensors))
+        t is not None and (t.requires_grad if compiling else _requires_grad(t))
+        for t in (x, *tensors))
     meta = (cell, tuple(reverses), lengths, bsz, config, backward_config, mode, needs_grad,
             pairs, overlap)
-    # Without a gradient to compute no autograd node is needed. (Dynamo would also call a
-    # forward with ``*tensors`` and a separate setup_context with a ctx, under no_grad.)
-    plain = not needs_grad and (torch.compiler.is_compiling()
-                                or not ops.transformed(x, tensors))  # torch.func: jvp, vmap
-    run = RecurrenceFunction.forward if plain else RecurrenceFunction.apply
+    # Dynamo, under no_grad, calls a forward that has ``*tensors`` and a separate
+    # setup_context with a ctx anyway; and without a gradient no autograd node is needed.
+    run = RecurrenceFunction.forward if compiling and not needs_grad else \
+        RecurrenceFunction.apply
     res = run(x.contiguous(), meta, *tensors)  # then the buffers kept for the backward
     if not CELL_SPECS[cell].has_c:
         return [(res[2 * d], res[2 * d + 1], None) for d in range(len(directions))]
@@ -326,10 +346,11 @@ def _view_leaves(*tensors):
             for t in tensors]
 
 
-def _overlaps(x: Tensor, n_directions: int, overlap_directions: bool) -> bool:
-    """Whether :func:`triton_directions` runs the two directions on two streams, eagerly."""
-    return (n_directions == 2 and bool(overlap_directions) and x.device.type == "cuda"
-            and x.shape[1] > 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+def _overlaps(x: Tensor, directions: list, overlap_directions: bool) -> bool:
+    """Whether :func:`triton_directions` runs the two directions on two streams, eagerly
+    (not under ``torch.func``: vmapped tensors cannot be recorded on a stream)."""
+    return (len(directions) == 2 and bool(overlap_directions) and x.device.type == "cuda"
+            and x.shape[1] > 0 and not ops.transformed(x, *directions))
 
 
 def triton_directions(cell: str, x: Tensor, directions: list, *,
@@ -358,7 +379,7 @@ def triton_directions(cell: str, x: Tensor, directions: list, *,
         return triton_sequence(cell, x_d, *args, reverse=(d == 1), lengths=lengths,
                                pairs=pairs, **options)
 
-    if not _overlaps(x, len(directions), overlap_directions):
+    if not _overlaps(x, directions, overlap_directions):
         return [run(d, x, args) for d, args in enumerate(directions)]
     pairs = (launch.DirectionPair(), launch.DirectionPair())
     # A leaf's gradient is accumulated on the stream its AccumulateGrad node was created

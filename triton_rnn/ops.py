@@ -205,9 +205,10 @@ def _backward_fake(cell, dout, dh_n, dc_n, w_hh, hbuf, h0, c0, cseq, saved, w_hr
 
 # torch.vmap (and so per-sample gradients, vmap(grad(...))) over the kernels. The rows of
 # every per-row argument lie along its batch dimension (1 in a [T, B, ...] tensor, 0 in a
-# [B, ...] state), so a vmapped dimension folds into it: row b * V + v. With the weights
-# shared (not vmapped) that is one launch on V times the batch. Vmapped weights (an
-# ensemble over stacked parameters) or packed lengths run one launch per vmapped index.
+# [B, ...] state), so a vmapped dimension folds into it: row b * V + v (packed rows
+# too: each length repeats V times). With the weights shared (not vmapped) that is one
+# launch on V times the batch. Vmapped weights (an ensemble over stacked parameters) or
+# vmapped packing run one launch per vmapped index.
 
 def _batch_dim(t: Tensor, vdim: Optional[int]) -> int:
     """The batch dimension of ``t``'s per-example shape: 1 for ``[T, B, X]``, 0 for ``[B, X]``."""
