@@ -64,11 +64,12 @@ def _rows_at(t_index: Tensor):
 
 #: Tensors per direction that :class:`RecurrenceFunction` takes, in this order.
 _PER_DIRECTION = ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
-#: And keeps for the backward (after the input, which the directions share).
-_SAVED_PER_DIRECTION = 10
 #: Kernel buffers per direction that the forward returns for the backward
 #: (``hbuf, cseq, saved, mbuf``), after the user-facing outputs.
 _KEPT_PER_DIRECTION = 4
+#: Saved for the backward per direction (after the input, which the directions share):
+#: ``h0, c0, w_ih, w_hh, b_hh, w_hr`` and the kept buffers.
+_SAVED_PER_DIRECTION = 6 + _KEPT_PER_DIRECTION
 
 
 class RecurrenceFunction(torch.autograd.Function):
@@ -148,18 +149,19 @@ class RecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if _backward_differentiated(ctx, grads):
+        saved = ctx.saved_tensors  # unpacked once: each access makes the tensors anew
+        if _backward_differentiated(ctx, saved, grads):
             raise RuntimeError(
                 "triton_rnn: higher-order gradients through the Triton RNN kernels (double "
                 "backward with create_graph=True, or nested torch.func grad/vjp) are not "
                 "supported; use backend='torch' for them.")
         with torch.no_grad():
-            return RecurrenceFunction._backward(ctx, grads)
+            return RecurrenceFunction._backward(ctx, saved, grads)
 
     @staticmethod
-    def _backward(ctx, grads):
+    def _backward(ctx, saved_tensors, grads):
         cell, reverses, lengths, bsz, _, cfg_b, mode, _, pairs, overlap = ctx.meta
-        x, *rest = ctx.saved_tensors
+        x, *rest = saved_tensors
         spec = CELL_SPECS[cell]
         T, B, I = x.shape
         dev = x.device
@@ -213,7 +215,7 @@ def _requires_grad(t: Tensor) -> bool:
     return t.requires_grad
 
 
-def _backward_differentiated(ctx, grads) -> bool:
+def _backward_differentiated(ctx, saved, grads) -> bool:
     """Whether something will differentiate the backward being run (which the kernels
     cannot support): ``create_graph=True`` eagerly, or a ``torch.func`` gradient
     transform outside the one that recorded it. ``torch.func`` itself runs every
@@ -225,8 +227,7 @@ def _backward_differentiated(ctx, grads) -> bool:
     active = [ci.level() for ci in (F.get_interpreter_stack() or ()) if ci.key() in kinds]
     # The gradient transform that recorded this node: each saved tensor's outermost
     # gradient wrapper (-2 once that transform has ended).
-    recorded = [lv[0] for lv in map(_grad_levels, (t for t in ctx.saved_tensors
-                                                     if t is not None)) if lv]
+    recorded = [lv[0] for lv in map(_grad_levels, (t for t in saved if t is not None)) if lv]
     if recorded and -2 not in recorded:  # grad(f), still running: outer levels differentiate
         return any(level < max(recorded) for level in active)
     if recorded or active:  # the function of a vjp that has ended, called later
