@@ -265,6 +265,9 @@ left=$((DEADLINE - now - TUNE_RESERVE))
 ((left > 40)) && left=40
 step tune_lstm2048 $left $TUNE_RESERVE "$PY -m triton_rnn.cli tune $TUNE_LSTM2048_ARGS"
 
+# Every timing of both tunings (the cache keeps them all, not only the winners'), into the log.
+step tuned_configs 20 $((TUNE_RESERVE > 20 ? TUNE_RESERVE - 20 : 0)) "$PY -m triton_rnn.cli cache export -"
+
 # 10. FlashRNN on a few shapes (its CUDA kernels compile with nvcc on first use: slow).
 if ((HAVE_FLASH)); then
     now=$(date +%s)

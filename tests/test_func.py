@@ -91,6 +91,17 @@ def _spy(monkeypatch, name):
     return calls
 
 
+def _forbid_flattening(monkeypatch, *modules):
+    """Fail if a call flattens the weights: on CUDA, ``flatten_parameters`` reads
+    ``data_ptr()``, which batched tensors under ``vmap`` do not have (a no-op on the CPU,
+    so without this the interpreter tests would not see it)."""
+    def flatten_parameters(self):
+        raise AssertionError("flatten_parameters called inside a torch.func transform")
+
+    for cls in {type(m) for m in modules}:
+        monkeypatch.setattr(cls, "flatten_parameters", flatten_parameters)
+
+
 def _launches(module):
     return module.num_layers * (2 if module.bidirectional else 1)
 
@@ -123,6 +134,7 @@ def test_vmap_over_inputs_folds_into_the_batch(monkeypatch, poison_empty, name):
     x = torch.randn(V, T, B, I, generator=gen, dtype=torch.float64)
     state = _state(ref, gen, lead=(V,), batch=(B,))
     calls = _spy(monkeypatch, "forward")
+    _forbid_flattening(monkeypatch, ours)
     out, hn = vmap(lambda xx, ss: functional_call(ours, _params(ours), (xx, ss)))(
         x.float(), _float(state))
     assert calls == [V * B] * _launches(ours)
@@ -143,6 +155,7 @@ def test_per_sample_gradients(monkeypatch, poison_empty, name):
     weights = torch.randn(V, T, _out_size(ref),
                           generator=gen, dtype=torch.float64)
     calls = _spy(monkeypatch, "backward")
+    _forbid_flattening(monkeypatch, ours)
     got = vmap(grad(_loss, argnums=1), in_dims=(None, None, 0, 0, 0))(
         ours, _params(ours), xs.float(), _float(states), weights.float())
     assert calls == [V] * _launches(ours)
@@ -165,6 +178,7 @@ def test_vmap_over_stacked_parameters(monkeypatch, poison_empty):
     weight = torch.randn(T, 2, 2 * H, generator=gen, dtype=torch.float64)
     base = members[0]
     calls = _spy(monkeypatch, "forward")
+    _forbid_flattening(monkeypatch, base)
     out = vmap(lambda p: functional_call(base, p, (x.float(),))[0])(params)
     assert calls == [2] * (V * _launches(base))
     got = vmap(lambda p: grad(lambda q: (functional_call(base, q, (x.float(),))[0]

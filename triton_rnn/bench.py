@@ -8,7 +8,11 @@ times every implementation on the same inputs in the same process:
 * ``triton``: ``triton_rnn`` with the persistent kernels (the default path);
 * ``triton_stepwise``: ``triton_rnn`` with one launch per timestep, the
   non-persistent baseline that shows what persistence buys;
-* ``torch``: ``torch.nn.GRU``/``LSTM``, which is cuDNN on a GPU;
+* ``torch``: ``torch.nn.GRU``/``LSTM``, which is cuDNN on a GPU. torch.nn
+  flattens its weights into cuDNN's buffer only in fp16/fp32/fp64; in bf16 every
+  call would first copy them into one (its "not part of single contiguous chunk
+  of memory" warning). The benchmark flattens them in bf16 too
+  (:func:`flatten_for_cudnn`), so cuDNN is timed at its best;
 * ``flashrnn``: FlashRNN's fused CUDA kernels, when ``import flashrnn`` works;
 * ``triton_one_stream`` (only when asked for): for bidirectional shapes, the
   persistent kernels with the two directions one after the other on one
@@ -421,6 +425,27 @@ def flashrnn_available() -> bool:
     return True
 
 
+def flatten_for_cudnn(m: torch.nn.RNNBase) -> bool:
+    """Put ``m``'s weights in one cuDNN weight buffer, in bf16 as well.
+
+    ``torch.nn.RNNBase.flatten_parameters`` does this only for the dtypes in
+    ``torch.backends.cudnn.CUDNN_TENSOR_DTYPES`` (no bf16); this makes the same
+    call for any dtype. Returns whether it flattened (CUDA and cuDNN only).
+    """
+    ws = m._flat_weights
+    if (not torch.backends.cudnn.enabled or not all(isinstance(w, torch.Tensor) for w in ws)
+            or not all(w.is_cuda for w in ws)):
+        return False
+    from torch.backends.cudnn import rnn as cudnn_rnn
+    num_weights = (4 if m.bias else 2) + (1 if m.proj_size > 0 else 0)
+    with torch.cuda.device_of(ws[0]), torch.no_grad():
+        torch._cudnn_rnn_flatten_weight(ws, num_weights, m.input_size,
+                                        cudnn_rnn.get_cudnn_mode(m.mode), m.hidden_size,
+                                        m.proj_size, m.num_layers, m.batch_first,
+                                        bool(m.bidirectional))
+    return True
+
+
 class Case:
     """Modules and input sets of one shape; ``fns[name]()`` runs one call of ``name``."""
 
@@ -458,6 +483,11 @@ class Case:
         if "torch" in impls:
             m = tcls(I, H, **kw).to(device=device, dtype=dtype)
             m.load_state_dict(state)
+            if dtype == torch.bfloat16:
+                try:
+                    flatten_for_cudnn(m)
+                except RuntimeError as e:  # timed as torch.nn leaves it, and said so
+                    warnings.warn(f"cuDNN weights left unflattened: {e}", RuntimeWarning)
             self.modules["torch"] = m
         self.n_states = 2 if shape.cell == "lstm" else 1
         R = shape.out_size  # h0 and the output: P wide with a projection; c0: H wide

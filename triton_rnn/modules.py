@@ -73,6 +73,31 @@ class _TritonRNNMixin:
         self.__dict__.setdefault("_backend", None)
         self.__dict__.setdefault("kernel_options", {})
 
+    #: cuDNN's flat weight buffer overflows at 2 GiB (``Storage size calculation
+    #: overflowed``): larger layers keep their separate weights.
+    CUDNN_FLAT_WEIGHT_LIMIT_BYTES = 2**31
+
+    def flatten_parameters(self) -> None:
+        """``torch.nn``'s cuDNN weight flattening, skipped where cuDNN cannot hold the buffer.
+
+        torch.nn raises at construction for such layers (a GRU of hidden 32768, say);
+        the Triton kernels read the weights where they are, and torch's path, if used,
+        copies them per call as it does for any non-flat weights.
+        """
+        ws = [w for w in getattr(self, "_flat_weights", ()) if isinstance(w, torch.Tensor)]
+        if sum(w.numel() * w.element_size() for w in ws) >= self.CUDNN_FLAT_WEIGHT_LIMIT_BYTES:
+            return
+        super().flatten_parameters()
+
+    def _current_weights(self) -> list:
+        """The weights this call uses (``functional_call``'s too), without flattening them.
+
+        torch.nn's ``_update_flat_weights`` would call ``flatten_parameters``, which reads
+        ``data_ptr()``: under ``torch.func.vmap`` on CUDA the weights are batched tensors
+        without storage, and that raises.
+        """
+        return [getattr(self, n) if hasattr(self, n) else None for n in self._flat_weights_names]
+
     # ------------------------------------------------------------------
     def forward(self, input, hx=None):  # noqa: D401 - same contract as torch.nn
         data = input.data if isinstance(input, PackedSequence) else input
@@ -82,7 +107,7 @@ class _TritonRNNMixin:
             # The kernels store fp16, bf16 or fp32; torch serves the rest (float64). No
             # warning when the weights' dtype differs: torch raises its own error then.
             if (data.is_floating_point() and ("dtype", data.dtype) not in _warned
-                    and all(w.dtype == data.dtype for w in self._flat_weights)):
+                    and all(w.dtype == data.dtype for w in self._current_weights())):
                 _warned.add(("dtype", data.dtype))
                 # stacklevel 4: past Module._call_impl and _wrapped_call_impl, at the caller.
                 warnings.warn(f"triton_rnn: the Triton kernels take {KERNEL_DTYPES}; running "
@@ -104,7 +129,6 @@ class _TritonRNNMixin:
                            device=like.device)
 
     def _triton_forward(self, input, hx):
-        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -151,7 +175,7 @@ class _TritonRNNMixin:
             hx = self.permute_hidden(hx, sorted_indices)
 
         # torch.autocast: run in the autocast dtype, as torch's RNNs do on CUDA.
-        weights = list(self._flat_weights)
+        weights = self._current_weights()
         dev = input.device.type
         if torch.is_autocast_enabled(dev) and input.is_floating_point():
             dt = torch.get_autocast_dtype(dev)
