@@ -177,7 +177,14 @@ def _run_quiet(cmd: Sequence[str], cwd: Optional[str] = None) -> Optional[str]:
 
 
 def git_commit(root: Optional[Path] = None) -> dict:
-    """The commit of the checkout (``git``, else ``.git/HEAD`` read by hand)."""
+    """The commit: ``$TRITON_RNN_GIT_COMMIT`` when set, else ``git``, else ``.git/HEAD``.
+
+    The variable comes first: a copy of the tree without its history (a lent GPU's)
+    can hold a stale ``.git`` that would name another commit.
+    """
+    env = os.environ.get("TRITON_RNN_GIT_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None}
     root = Path(root or Path(__file__).resolve().parent.parent)
     sha = _run_quiet(["git", "rev-parse", "HEAD"], cwd=str(root))
     dirty = None
@@ -195,8 +202,7 @@ def git_commit(root: Optional[Path] = None) -> dict:
                 sha = ref
         except OSError:
             sha = None
-    return {"commit": sha or os.environ.get("TRITON_RNN_GIT_COMMIT") or "unknown",
-            "dirty": dirty}
+    return {"commit": sha or "unknown", "dirty": dirty}
 
 
 def _version(dist: str) -> Optional[str]:
