@@ -162,7 +162,7 @@ WARM_PIDS=()
 WARM_LIMIT=$((DEADLINE - $(date +%s) - $(r 300)))
 ((WARM_LIMIT > 150)) && WARM_LIMIT=150
 # Steps 5 and 9 tune (defined here: their kernels are compiled in the background too).
-TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,32,4 --config 32,16,8,1,128"
+TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,16,8,1,0,0,1 --config 32,16,8,1,128"
 TUNE_LSTM2048_ARGS="--cell lstm --hidden 2048 --batch 16 --dtype bfloat16 --config 16,16,8,1,128,1536 --config 16,16,8,1,128"
 if ((HAVE_CUDA && WARM_LIMIT >= 15)); then
     WARM_ARGS="--seq-len 2 --impls triton,triton_stepwise --no-flashrnn --no-check --rounds 1 --sets 1 --warmup-ms 1 --rep-ms 1 --no-plot"
@@ -203,9 +203,8 @@ FLOORS_ARG=""
 [ -s "$OUTDIR/floors.json" ] && FLOORS_ARG="--floors $OUTDIR/floors.json"
 
 # 5. Tune a key shape (GRU, bf16, hidden 1024, batch 32); stored in $TRITON_RNN_CACHE_DIR.
-# Three tiles: the default, a 32-row batch tile with 4 warps and a weight-streaming
-# tile, all three kept by the static check on Triton 3.6 for both passes (others
-# near the default spill there and would only be dropped). Every candidate is
+# Three tiles: the default, the default without split-K (split_k=1: every warp
+# multiplies all of K, what the kernels did before) and a weight-streaming tile. Every candidate is
 # compiled twice (static check, then the timed launch), so the full set would not fit.
 # (The quick grid below uses the default tiles, as an untuned user gets; LSTM 2048 is
 # tuned at the end, with the time that is left.)

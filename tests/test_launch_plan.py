@@ -272,3 +272,41 @@ def test_fp32_recurrence_follows_cudnns_rnn_tf32_switch(gpu_props):
         assert launch._dot_precision(torch.bfloat16) == "ieee"
     finally:
         rnn.fp32_precision, conv.fp32_precision = before
+
+
+@pytest.mark.parametrize("cfg,hidden,proj,gpu,parts", [
+    # GRU 1024's default: a 16 x 16 output is two 16 x 8 tensor-core tiles, so two of the
+    # eight warps cover it and K splits in four for the rest.
+    (KernelConfig(16, 16, num_warps=8), 1024, 0, True, 4),
+    (KernelConfig(16, 16, num_warps=4), 1024, 0, True, 2),
+    (KernelConfig(16, 16, num_warps=8, split_k=1), 1024, 0, True, 1),
+    (KernelConfig(16, 16, num_warps=8, split_k=8), 1024, 0, True, 8),
+    # An output tile that keeps every warp busy (one program holds all of hidden 256).
+    (KernelConfig(256, 16, num_warps=4), 256, 0, True, 1),
+    # Parts of a K chunk stay at least 16 inputs on a GPU: hidden 32 is one 32-input chunk.
+    (KernelConfig(8, 16, num_warps=8), 32, 0, True, 2),
+    (KernelConfig(8, 16, num_warps=8), 32, 0, False, 4),
+    # ... and so do parts of a streamed chunk, and of W_hr's chunk with a projection.
+    (KernelConfig(16, 16, num_warps=8, block_k=32, split_k=4), 2048, 0, True, 2),
+    (KernelConfig(32, 16, num_warps=8), 1024, 16, True, 1),
+    # A projection phase's output is block_b x block_p (1024 / 256 over 32 programs: 8 wide).
+    (KernelConfig(32, 16, num_warps=8), 1024, 256, True, 4),
+])
+def test_split_k_gives_idle_warps_part_of_k(cfg, hidden, proj, gpu, parts):
+    """split_k=0 splits K over the warps that the output tile leaves idle (at most
+    MAX_AUTO_SPLIT_K parts); a set split_k is kept; neither goes under the dot's K minimum."""
+    plan = launch._plan(hidden, 64, cfg, "persistent", gpu=gpu, proj=proj)
+    assert plan.split_k == parts
+    meta = launch.k_chunk_meta(hidden, proj or hidden, plan.block_k, plan.resident_k, gpu=gpu,
+                               split_k=plan.split_k)
+    assert meta["SPLIT_K"] == parts and meta["KC"] % parts == 0
+
+
+def test_split_k_is_a_config_field():
+    cfg = KernelConfig.from_dict(dict(block_h=16, block_b=16, split_k=1))
+    assert cfg.split_k == 1 and cfg.label() == "h16 b16 w4 s1 x1" and "split_k=1" in str(cfg)
+    assert KernelConfig(16, 16).label() == "h16 b16 w4 s1"  # 0, the default, is not shown
+    assert KernelConfig.from_dict(dict(block_h=16, block_b=16, split_k=0)).split_k == 0
+    for bad in (3, 64, -1):
+        with pytest.raises(ValueError, match="split_k"):
+            KernelConfig.from_dict(dict(block_h=16, block_b=16, split_k=bad))

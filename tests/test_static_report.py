@@ -93,6 +93,24 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
         assert r["config"]["block_k"] == 0 and r["weights_on_chip"] == 1, f"{where}: off-chip"
 
 
+def test_no_warp_repeats_another_warps_tensor_core_work(default_reports):
+    """Every warp of a program runs the same tensor-core instructions, so their count
+    times the warps must be one step's work (in 16 x 8 x 16 bf16 tiles): the gates x
+    batch tile x the program's units x K. A program's output tile is small (16 x 16 at
+    hidden 1024), so a plain 2-D ``tl.dot`` gave each of the 8 warps all of it, 384
+    instructions per warp per step at GRU hidden 1024, where split-K has 48."""
+    from triton_rnn.functional import GATES
+    from triton_rnn.kernels.launch import padded_k
+
+    for r in default_reports:
+        cfg = r["config"]
+        units = min(cfg["block_h"], triton.next_power_of_2(r["hidden"]))
+        work = (GATES[r["cell"]] * -(-cfg["block_b"] // 16) * -(-units // 8)
+                * padded_k(r["hidden"], gpu=True) // 16)
+        where = f"{r['cell']} {r['pass_']} H={r['hidden']} {cfg} split_k={r['split_k']}"
+        assert r["tensor_core_instructions"] * r["num_warps"] == work, where
+
+
 @pytest.mark.parametrize("cell,pass_,dtype,hidden", LARGEST_PERSISTENT)
 def test_largest_persistent_sizes(report_for, cell, pass_, dtype, hidden):
     """GRU 2048 and LSTM 1536 in bf16, GRU and LSTM 1024 in fp32 keep their weights on-chip.

@@ -52,7 +52,9 @@ value, half and double it, each keeping on-chip what the default rule would
 the default with nothing kept on-chip; ordered by closeness to the default. For
 ``hidden >= 512`` with a persistent default, a few weight-streaming tiles
 (``block_k=128``) are added at the end, so the tuner can compare persistence
-against streaming. The default config is always a candidate.
+against streaming, and so is the default with ``split_k=1`` (every warp
+multiplies all of K), so that it measures what splitting K over the warps buys.
+The default config is always a candidate.
 
 Default rule
 ------------
@@ -300,6 +302,8 @@ def candidate_configs(key: KernelKey, default: Optional[KernelConfig] = None) ->
     """The configs the tuner tries for ``key`` (the default first, then by closeness to it)."""
     base = default or heuristic_config(key)
     extras = _streaming_extras(key, base)
+    if base.split_k != 1:  # the default without split-K: what splitting K buys
+        extras = [replace(base, split_k=1)] + extras
     own = _preference_order(key, base, [base, *_own_candidates(key, base)])
     own = own[:MAX_CANDIDATES - len(extras)]
     return own + [c for c in extras if c not in own]

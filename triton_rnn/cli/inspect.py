@@ -10,7 +10,7 @@ from . import CLIError, dtype_name, parse_arch
 
 CELLS = ("gru", "lstm", "rnn_tanh", "rnn_relu")
 #: The tile options besides --block-h/--block-b (KernelConfig's defaults when not given).
-TILE_OPTIONS = ("num_warps", "num_stages", "block_k", "resident_k")
+TILE_OPTIONS = ("num_warps", "num_stages", "block_k", "resident_k", "split_k")
 
 
 def add_parser(sub) -> None:
@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--resident-k", type=int,
                    help="with --block-k: inputs of the slice kept on-chip (default 0: stream "
                         "it all)")
+    p.add_argument("--split-k", type=int,
+                   help="with a forced tile: parts each step's dots split K into, one per "
+                        "group of warps (default 0: as many as the warps the output tile "
+                        "leaves idle; 1: none)")
     p.set_defaults(func=run)
 
 

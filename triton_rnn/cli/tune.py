@@ -20,14 +20,14 @@ import sys
 from . import CLIError, dtype_name, non_negative_int, parse_arch, positive_int
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-CONFIG_METAVAR = "BH,BB,WARPS[,STAGES[,BLOCK_K[,RESIDENT_K]]]"
+CONFIG_METAVAR = "BH,BB,WARPS[,STAGES[,BLOCK_K[,RESIDENT_K[,SPLIT_K]]]]"
 
 
 def _config(text: str):
     from ..kernels.config import KernelConfig
     parts = text.split(",")
-    names = ("block_h", "block_b", "num_warps", "num_stages", "block_k", "resident_k")
-    if not 3 <= len(parts) <= 6:
+    names = ("block_h", "block_b", "num_warps", "num_stages", "block_k", "resident_k", "split_k")
+    if not 3 <= len(parts) <= len(names):
         raise argparse.ArgumentTypeError(
             f"expected {CONFIG_METAVAR}, got {text!r}")
     try:

@@ -15,6 +15,7 @@ FIELD_LIMITS = {
     "num_stages": (1, 8),
     "block_k": (1, 8192),
     "resident_k": (16, 65536),
+    "split_k": (1, 32),
 }
 
 
@@ -36,6 +37,13 @@ class KernelConfig:
       256 up) stay on-chip and only the rest is streamed at every step; 0 streams
       it all. This is how a slice too large for one block's shared memory still
       keeps most of its weights on-chip (e.g. LSTM hidden 2048 bf16).
+    * ``split_k``: how many parts each step's recurrent dots cut their K (the
+      inputs) into, one per group of warps, summed once per step (split-K). A
+      program's output tile (16 x 16) is one tensor-core tile, so without a split
+      every warp would multiply all of K and extra warps would only repeat it.
+      0 (the default) takes as many parts as ``num_warps``, fewer when a part
+      would be under the tensor cores' minimum K of 16 inputs
+      (:func:`triton_rnn.kernels.launch.split_parts`); 1 does not split.
     """
 
     block_h: int
@@ -44,6 +52,7 @@ class KernelConfig:
     num_stages: int = 1
     block_k: int = 0
     resident_k: int = 0
+    split_k: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,8 +63,8 @@ class KernelConfig:
 
         Fields must be JSON integers (not booleans, floats or strings) within
         :data:`FIELD_LIMITS`: powers of two, except ``num_stages`` and
-        ``resident_k`` (a multiple of 16); ``block_k`` and ``resident_k`` may also
-        be 0. Raises ``ValueError`` naming the field otherwise.
+        ``resident_k`` (a multiple of 16); ``block_k``, ``resident_k`` and
+        ``split_k`` may also be 0. Raises ``ValueError`` naming the field otherwise.
         """
         if not isinstance(d, dict):
             raise ValueError(f"a KernelConfig must be an object, got {type(d).__name__}")
@@ -70,7 +79,7 @@ class KernelConfig:
             if type(v) is not int:
                 raise ValueError(f"KernelConfig.{name} must be an integer, got {v!r}")
             lo, hi = FIELD_LIMITS[name]
-            if name in ("block_k", "resident_k") and v == 0:
+            if name in ("block_k", "resident_k", "split_k") and v == 0:
                 continue
             if name == "resident_k":
                 bad, kind = v % 16 != 0, "a multiple of 16"
@@ -83,11 +92,12 @@ class KernelConfig:
         return cls(**d)
 
     def label(self) -> str:
-        """Short form for tables: ``h16 b16 w8 s1``, plus ``k128`` for a streaming tile and
-        ``r1536`` for the inputs of its slice kept on-chip."""
+        """Short form for tables: ``h16 b16 w8 s1``, plus ``k128`` for a streaming tile,
+        ``r1536`` for the inputs of its slice kept on-chip and ``x1`` for a set ``split_k``."""
         return (f"h{self.block_h} b{self.block_b} w{self.num_warps} s{self.num_stages}"
                 + (f" k{self.block_k}" if self.block_k else "")
-                + (f" r{self.resident_k}" if self.resident_k else ""))
+                + (f" r{self.resident_k}" if self.resident_k else "")
+                + (f" x{self.split_k}" if self.split_k else ""))
 
     @classmethod
     def label_of(cls, d, unknown: str = "?") -> str:
@@ -102,4 +112,5 @@ class KernelConfig:
         return (f"block_h={self.block_h} block_b={self.block_b} "
                 f"num_warps={self.num_warps} num_stages={self.num_stages}"
                 + (f" block_k={self.block_k}" if self.block_k else "")
-                + (f" resident_k={self.resident_k}" if self.resident_k else ""))
+                + (f" resident_k={self.resident_k}" if self.resident_k else "")
+                + (f" split_k={self.split_k}" if self.split_k else ""))

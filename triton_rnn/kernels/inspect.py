@@ -12,6 +12,10 @@ the triton wheel reads registers, shared and local (spill) memory and SASS.
 * ``weights_on_chip``: the fraction of the program's ``W_hh`` slice kept on-chip
   (1.0 unless the tile streams, ``block_k > 0``; see ``resident_k``);
 * ``tensor_cores``: whether the SASS has ``HMMA``/``HGMMA`` instructions;
+* ``tensor_core_instructions``: how many (every warp runs them all; without a
+  streamed or projected part, that is one step's tensor-core work per warp);
+  ``split_k``: the parts each dot splits K into, so that the warps share that
+  work rather than each repeating all of it (see ``KernelConfig.split_k``);
 * ``barrier_ordering``: how the PTX orders memory around the grid barrier:
   ``"release-acquire"`` (the arrival is a GPU-scope release add, the wait a
   GPU-scope acquire read: what makes one step's ``h`` visible to every program
@@ -100,7 +104,8 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
         consts = dict(CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved,
                       HAS_C=spec.has_c, SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj))
         k1, k2 = hidden, rec
-    consts.update(**k_chunk_meta(k1, k2, plan.block_k, plan.resident_k, gpu=True),
+    consts.update(**k_chunk_meta(k1, k2, plan.block_k, plan.resident_k, gpu=True,
+                               split_k=plan.split_k),
                   BLOCK_H=block_h, BLOCK_P=plan.block_p, BLOCK_B=block_b, BLOCK_K=plan.block_k,
                   REVERSE=False, VARLEN=False, USE_BARRIER=split,
                   DOT_PRECISION="tf32" if dtype == "float32" else "ieee")
@@ -114,7 +119,7 @@ def _signature(kernel, cell: str, pass_: str, dtype: str, hidden: int, config, a
         if v % 16 == 0:
             attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     grid_h = plan.grid_h
-    return sig, consts, attrs, grid_h, block_h, block_b
+    return sig, consts, attrs, grid_h, block_h, block_b, plan.split_k
 
 
 _MEMORY_OP = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld|red|atom)\.([\w.]+)", re.M)
@@ -197,14 +202,14 @@ def compile_kernel(cell: str, pass_: str, dtype: str, hidden: int, config, arch:
     from .recurrent import rnn_backward_kernel, rnn_forward_kernel
 
     kernel = rnn_forward_kernel if pass_ == "forward" else rnn_backward_kernel
-    sig, consts, attrs, grid_h, block_h, block_b = _signature(kernel, cell, pass_, dtype,
-                                                              hidden, config, arch, proj)
+    sig, consts, attrs, grid_h, block_h, block_b, split_k = _signature(
+        kernel, cell, pass_, dtype, hidden, config, arch, proj)
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps,
                                        "num_stages": config.num_stages, **COMPILE_OPTIONS})
     weights = ("W", "WR") if proj else ("W",)
-    return compiled, dict(grid_h=grid_h, block_h=block_h, block_b=block_b,
+    return compiled, dict(grid_h=grid_h, block_h=block_h, block_b=block_b, split_k=split_k,
                           w_indices=[kernel.arg_names.index(w) for w in weights])
 
 
@@ -267,6 +272,7 @@ def _read_binary(compiled, w_indices: list) -> dict:
                 weights_loaded_in_loop=any(_weights_loaded_in_loop(compiled.asm["ptx"], i)
                                            for i in w_indices),
                 tensor_cores=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", sass)),
+                tensor_core_instructions=len(re.findall(r"\b(?:HMMA|HGMMA|IMMA)\.", sass)),
                 barrier_ordering=barrier_ordering(compiled.asm["ptx"]),
                 local_memory_instructions=bool(re.search(r"\b(LDL|STL)\b", sass)))
 
@@ -306,7 +312,9 @@ def _report_in_process(cell, pass_, dtype, hidden, batch, config, arch, proj=0) 
         max_shared_bytes=lim["max_smem_block"],
         co_resident=info["grid_h"] <= max_programs,
         weights_loaded_in_loop=info["weights_loaded_in_loop"], weights_on_chip=on_chip,
-        tensor_cores=info["tensor_cores"], barrier_ordering=info["barrier_ordering"],
+        tensor_cores=info["tensor_cores"],
+        tensor_core_instructions=info["tensor_core_instructions"], split_k=info["split_k"],
+        barrier_ordering=info["barrier_ordering"],
         local_memory_instructions=info["local_memory_instructions"],
     )
 

@@ -87,6 +87,17 @@ MAX_PROJ_GATE_COLUMNS = 128
 #: as the budget allows without a projection; a small projection would otherwise
 #: give one program all of hidden 128 or 256, which spills.
 MAX_SINGLE_PROGRAM_COLUMNS = 256
+#: The automatic split-K (``split_k=0``) uses at most this many parts. Compiled for sm_90,
+#: 8 parts of 8 warps took 138 registers per thread where 4 parts took 74 (GRU hidden
+#: 1024 bf16 forward; 1 instead of 2 programs per SM) for the same tensor-core work per
+#: warp (the other factor of 2 goes to the output tile's two 8-column halves). Where a
+#: program's slice leaves room for one program per SM anyway, :func:`default_config`
+#: splits over all the warps: 4 parts (or 2) there kept 8-16 B of loop invariants on the
+#: stack with Triton 3.9 (GRU hidden 1024 fp32 backward, GRU 2560-4096 bf16 forward), 8
+#: parts did not. (LSTM 2560-4096 fp32, whose 32-input streamed chunks allow 2 parts,
+#: keep 16 B there; with 1 part, GRU 2560-4096 fp32 and LSTM 2560-4096 bf16 backward
+#: did instead.)
+MAX_AUTO_SPLIT_K = 4
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -141,13 +152,39 @@ def resident_chunks(k: int, block_k: int, resident_k: int, gpu: Optional[bool] =
 
 
 def k_chunk_meta(k: int, k2: int, block_k: int, resident_k: int,
-                 gpu: Optional[bool] = None) -> dict:
-    """The kernels' K-chunk constexprs: ``KC, NUM_KC, NUM_RES`` for ``W_hh``'s K (``k``) and
-    ``KC2, NUM_KC2, NUM_RES2`` for ``W_hr``'s (``k2``; unused without a projection)."""
+                 gpu: Optional[bool] = None, split_k: int = 1) -> dict:
+    """The kernels' K-chunk constexprs: ``KC, NUM_KC, NUM_RES`` for ``W_hh``'s K (``k``),
+    ``KC2, NUM_KC2, NUM_RES2`` for ``W_hr``'s (``k2``; unused without a projection), and
+    ``SPLIT_K`` (a plan's :func:`split_parts`)."""
     (kc, num_kc), (kc2, num_kc2) = k_tiling(k, gpu), k_tiling(k2, gpu)
     return dict(KC=kc, NUM_KC=num_kc, NUM_RES=resident_chunks(k, block_k, resident_k, gpu),
                 KC2=kc2, NUM_KC2=num_kc2,
-                NUM_RES2=resident_chunks(k2, block_k, resident_k, gpu))
+                NUM_RES2=resident_chunks(k2, block_k, resident_k, gpu), SPLIT_K=split_k)
+
+
+def split_parts(split_k: int, num_warps: int, out_tiles: int, k_extents,
+                gpu: Optional[bool] = None) -> int:
+    """Parts each step's dots split K into (``SPLIT_K``, see :class:`KernelConfig`).
+
+    ``split_k`` when set; else (0) the warps the output tile leaves idle: a dot
+    gives each warp whole ``16 x 8`` tensor-core tiles of its output, so a
+    program's ``out_tiles`` of them (``BLOCK_B / 16 * N / 8``) keep at most that
+    many warps busy, and ``num_warps / out_tiles`` parts of K give the rest work
+    (at most :data:`MAX_AUTO_SPLIT_K`). Either way halved while a part of any of
+    ``k_extents`` (the K chunk of ``W_hh``, of ``W_hr`` with a projection, and the
+    streamed chunk ``block_k``) would be under :data:`MIN_DOT` inputs on a GPU
+    (under one in the interpreter).
+    """
+    if gpu is None:
+        gpu = not interpreting()
+    if split_k:
+        parts = triton.next_power_of_2(split_k)
+    else:
+        parts = min(MAX_AUTO_SPLIT_K, max(1, num_warps // max(1, out_tiles)))
+    least = MIN_DOT if gpu else 1
+    while parts > 1 and any(k // parts < least for k in k_extents):
+        parts //= 2
+    return parts
 
 
 def padded_k(hidden: int, gpu: Optional[bool] = None) -> int:
@@ -208,6 +245,10 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     (``gates * block_h``); else 4. That rule is what keeps every default
     spill-free (no local memory) when compiled for sm_90 with Triton 3.6 and 3.9,
     for every cell and dtype at hidden 32 to 2048.
+    ``split_k``: 0 (as many K parts as the warps the 16-row output tile leaves idle, at
+    most :data:`MAX_AUTO_SPLIT_K`), except where the on-chip slice leaves room for one
+    program per SM anyway (over half of :data:`ONCHIP_WEIGHT_LIMIT`, or partly
+    streamed): all ``num_warps``, unless a streamed chunk is too narrow for that.
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
 
     With an LSTM projection (``proj``) a slice is its ``W_hh`` rows (``proj``
@@ -250,8 +291,14 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     block_b = MIN_BLOCK_B
     big = hp >= 1024 or itemsize == 4 or spec.gates * block_h >= 256
     num_warps = 8 if spec.gates > 1 and big else 4
+    split_k = 0
+    if resident_k or (not block_k and size(block_h) > ONCHIP_WEIGHT_LIMIT // 2):
+        # One program per SM whatever its registers (its slice takes most of the shared
+        # memory): split K over all the warps, unless a streamed chunk is too narrow for
+        # that (then the automatic rule; see MAX_AUTO_SPLIT_K).
+        split_k = 0 if block_k and block_k // num_warps < MIN_DOT else num_warps
     return KernelConfig(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=1,
-                        block_k=block_k, resident_k=resident_k)
+                        block_k=block_k, resident_k=resident_k, split_k=split_k)
 
 
 def default_resident_k(cell: str, hidden: int, block_h: int, block_k: int, itemsize: int,
@@ -336,6 +383,7 @@ class _Plan:
     persistent: bool
     use_barrier: bool
     block_p: int = 1
+    split_k: int = 1
 
 
 def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
@@ -393,10 +441,17 @@ def _plan(hidden: int, batch: int, cfg: KernelConfig, mode: str,
     grid_h = triton.cdiv(hidden, block_h)
     tiles = triton.cdiv(batch, block_b)
     stepwise = mode == "stepwise" or (grid_h > 1 and not gpu)
+    # Both passes' dots have K extents of hidden and (with a projection) proj; their
+    # narrowest output is block_b x block_h, or x block_p in a projection phase.
+    extents = [k_tiling(hidden, gpu)[0]] + ([k_tiling(proj, gpu)[0]] if proj else []) + (
+        [block_k] if block_k else [])
+    block_p = block_p_for(proj or hidden, hidden, block_h, gpu)
+    out_tiles = max(1, block_b // 16) * max(1, min(block_h, block_p if proj else block_h) // 8)
     return _Plan(grid_b=tiles, grid_h=grid_h, block_h=block_h, block_b=block_b, block_k=block_k,
                  resident_k=cfg.resident_k if block_k else 0, persistent=not stepwise,
                  use_barrier=(not stepwise and grid_h > 1),
-                 block_p=block_p_for(proj or hidden, hidden, block_h, gpu))
+                 block_p=block_p,
+                 split_k=split_parts(cfg.split_k, cfg.num_warps, out_tiles, extents, gpu))
 
 
 class DirectionPair:
@@ -596,7 +651,8 @@ def forward(cell: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torc
     _launch(rnn_forward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_FWD=spec.fwd, NUM_GATES=spec.gates, NUM_SAVED=n_saved, HAS_C=spec.has_c,
         HAS_BHN=spec.separate_bhn and b_hn is not None, HAS_PROJ=bool(proj),
-        **k_chunk_meta(R, H, plan.block_k, plan.resident_k), BLOCK_H=plan.block_h,
+        **k_chunk_meta(R, H, plan.block_k, plan.resident_k,
+                       split_k=plan.split_k), BLOCK_H=plan.block_h,
         BLOCK_P=plan.block_p, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen,
         DOT_PRECISION=_dot_precision(xg.dtype)), dev, f"{cell} forward", pair)
@@ -667,7 +723,8 @@ def backward(cell: str, dout: torch.Tensor, dh_n: torch.Tensor, dc_n: Optional[t
     _launch(rnn_backward_kernel, plan, cfg, T, B, H, R, args, dict(
         CELL_BWD=spec.bwd, NUM_GATES=spec.gates, NUM_SAVED=spec.saved, HAS_C=spec.has_c,
         SPLIT_X_GRAD=spec.split_x_grad, HAS_PROJ=bool(proj),
-        **k_chunk_meta(H, R, plan.block_k, plan.resident_k), BLOCK_H=plan.block_h,
+        **k_chunk_meta(H, R, plan.block_k, plan.resident_k,
+                       split_k=plan.split_k), BLOCK_H=plan.block_h,
         BLOCK_P=plan.block_p, BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, REVERSE=reverse,
         VARLEN=varlen,
         DOT_PRECISION=_dot_precision(hbuf.dtype)), dev, f"{cell} backward", pair)

@@ -18,6 +18,11 @@ Each step, for each of its batch tiles, a program
 3. writes its slice of ``h_t`` to ``HBUF``, its fp32 state to ``HST``/``CSEQ``
    and the activations the backward needs to ``SAVED``.
 
+A program's per-step product is small (a ``16 x 16`` output per gate at GRU
+hidden 1024, one tensor-core tile wide), so the warps share it by K: each dot
+is a batched ``tl.dot`` over ``SPLIT_K`` parts of the inputs, summed once per
+step (split-K). With a plain 2-D dot every warp would multiply all of K.
+
 When the hidden dimension is split across programs (``USE_BARRIER``), a grid
 barrier separates the steps. The same code runs *stepwise*: one launch per
 step (``n_steps=1``), where the launch boundary is the barrier. That is how the
@@ -89,21 +94,31 @@ def _gate_stride(H, R):
 
 
 @triton.jit
+def _k_split(k0, KC: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Inputs ``k0 .. k0 + KC - 1`` as ``[SPLIT_K, KC // SPLIT_K]``: row ``s`` is the K range
+    that the ``s``-th group of warps multiplies (split-K; see :func:`_forward_preacts`)."""
+    KS: tl.constexpr = KC // SPLIT_K
+    return k0 + tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]
+
+
+@triton.jit
 def _weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT: tl.constexpr):
-    """Pointers to gate 0's ``[K, N]`` tile of a row-major weight with rows of ``ROW``
-    elements: ``W[n, k]`` (``BY_UNIT``: the forward's ``W^T``) or ``W[k, n]`` (backward)."""
+    """Pointers to gate 0's ``[S, KS, N]`` tile (``offs_k`` is ``[S, KS]``, :func:`_k_split`)
+    of a row-major weight with rows of ``ROW`` elements: ``W[n, k]`` (``BY_UNIT``: the
+    forward's ``W^T``) or ``W[k, n]`` (backward)."""
     if BY_UNIT:
-        return W + offs_n[None, :].to(tl.int64) * ROW + offs_k[:, None]
+        return W + offs_n[None, None, :].to(tl.int64) * ROW + offs_k[:, :, None]
     else:
-        return W + offs_k[:, None].to(tl.int64) * ROW + offs_n[None, :]
+        return W + offs_k[:, :, None].to(tl.int64) * ROW + offs_n[None, None, :]
 
 
 @triton.jit
 def _resident_weights(W, offs_n, n_mask, K, ROW, GSTRIDE, BY_UNIT: tl.constexpr,
-                      NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_RES: tl.constexpr):
+                      NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_RES: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
     """The on-chip part of the program's weight slice (its ``N`` columns), loaded once
-    before the loop: one tuple per gate of ``NUM_RES`` tiles ``[KC, N]``, the first
-    ``NUM_RES * KC`` inputs (K in chunks, so each step's dots keep small register
+    before the loop: one tuple per gate of ``NUM_RES`` tiles ``[SPLIT_K, KC // SPLIT_K, N]``,
+    the first ``NUM_RES * KC`` inputs (K in chunks, so each step's dots keep small register
     operands). The remaining inputs, if any, are streamed at every step.
     """
     w0 = ()
@@ -111,9 +126,9 @@ def _resident_weights(W, offs_n, n_mask, K, ROW, GSTRIDE, BY_UNIT: tl.constexpr,
     w2 = ()
     w3 = ()
     for c in tl.static_range(NUM_RES):
-        offs_k = c * KC + tl.arange(0, KC)
+        offs_k = _k_split(c * KC, KC, SPLIT_K)
         t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT),
-                                          (offs_k < K)[:, None] & n_mask[None, :],
+                                          (offs_k < K)[:, :, None] & n_mask[None, None, :],
                                           GSTRIDE, NUM_GATES)
         w0 = w0 + (t0,)
         w1 = w1 + (t1,)
@@ -135,26 +150,49 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _split_sum(a0, a1, a2, a3, NUM_GATES: tl.constexpr):
+    """Reduce split-K accumulators ``[SPLIT_K, M, N]`` to ``[M, N]`` (unused gates alias 0)."""
+    r0 = tl.sum(a0, axis=0)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if NUM_GATES > 1:
+        r1 = tl.sum(a1, axis=0)
+    if NUM_GATES > 2:
+        r2 = tl.sum(a2, axis=0)
+    if NUM_GATES > 3:
+        r3 = tl.sum(a3, axis=0)
+    return r0, r1, r2, r3
+
+
+@triton.jit
 def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3,
                      B, K, GSTRIDE, NUM_GATES: tl.constexpr, KC: tl.constexpr,
                      NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``v @ W_g^T`` for the program's columns, ``v`` the ``[BLOCK_B, K]`` rows of ``SRC[slot]``.
 
     The recurrent pre-activations ``h_{t-1} @ W_hh_g^T`` (``SRC = HBUF``, where h0
     sits in an extra slot, so one load per chunk serves every row), and the LSTM
     projection ``m_t @ W_hr^T``. The first ``NUM_RES`` K chunks from the on-chip
     weights, the rest (``BLOCK_K > 0``) streamed in chunks of ``BLOCK_K`` inputs.
+
+    Split-K: each chunk's K is cut into ``SPLIT_K`` parts, one batched ``tl.dot``
+    ``[SPLIT_K, M, K/SPLIT_K] @ [SPLIT_K, K/SPLIT_K, N]`` whose batch dimension the
+    warps share, then one sum over the parts per step. A program's output tile
+    (``BLOCK_B x BLOCK_H``, 16 x 16) is a single tensor-core tile: as a plain 2-D
+    dot every warp would multiply all of K, and extra warps would only repeat the
+    same work (same instructions, same shared-memory reads of the weights).
     """
-    a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    a0 = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
-    row = SRC + slot64 * B * K + r64[:, None] * K
+    row = (SRC + slot64 * B * K + r64 * K)[None, :, None]
+    row_m = rows_ok[None, :, None]
     for c in tl.static_range(NUM_RES):
-        offs_k = c * KC + tl.arange(0, KC)
-        h = tl.load(row + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :],
-                    other=0.0, cache_modifier=".cg")
+        offs_k = _k_split(c * KC, KC, SPLIT_K)[:, None, :]
+        h = tl.load(row + offs_k, mask=row_m & (offs_k < K), other=0.0, cache_modifier=".cg")
         a0 = _dot(h, w0[c], a0, DOT_PRECISION)
         if NUM_GATES > 1:
             a1 = _dot(h, w1[c], a1, DOT_PRECISION)
@@ -164,13 +202,13 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
             a3 = _dot(h, w3[c], a3, DOT_PRECISION)
     if BLOCK_K > 0:
         for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
-            offs_s = k0 + tl.arange(0, BLOCK_K)
+            offs_s = _k_split(k0, BLOCK_K, SPLIT_K)
             s_mask = offs_s < K
-            hs = tl.load(row + offs_s[None, :], mask=rows_ok[:, None] & s_mask[None, :],
-                         other=0.0, cache_modifier=".cg")
+            hs = tl.load(row + offs_s[:, None, :], mask=row_m & s_mask[:, None, :], other=0.0,
+                         cache_modifier=".cg")
             v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_s, offs_n, K, True),
-                                              s_mask[:, None] & n_mask[None, :], GSTRIDE,
-                                              NUM_GATES)
+                                              s_mask[:, :, None] & n_mask[None, None, :],
+                                              GSTRIDE, NUM_GATES)
             a0 = _dot(hs, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
                 a1 = _dot(hs, v1, a1, DOT_PRECISION)
@@ -178,25 +216,27 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
                 a2 = _dot(hs, v2, a2, DOT_PRECISION)
             if NUM_GATES > 3:
                 a3 = _dot(hs, v3, a3, DOT_PRECISION)
-    return a0, a1, a2, a3
+    return _split_sum(a0, a1, a2, a3, NUM_GATES)
 
 
 @triton.jit
 def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B, K, ROW,
                  GSTRIDE, NUM_GATES: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
-                 NUM_RES: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 NUM_RES: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """``sum_g SRC_g[slot] @ W_g[:, columns]``, ``SRC`` rows of ``NUM_GATES * K``.
 
     The recurrent part of ``dh_t``: the later step's gate gradients times
     ``W_hh`` (``K = H``); with an LSTM projection also ``dm_t = dh_t @ W_hr``.
-    K chunks as in :func:`_forward_preacts`.
+    K chunks and split-K as in :func:`_forward_preacts`.
     """
-    acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
-    row = SRC + (slot64 * B + r64)[:, None] * (NUM_GATES * K)
+    acc = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    row = (SRC + (slot64 * B + r64) * (NUM_GATES * K))[None, :, None]
+    row_m = rows_ok[None, :, None]
     for c in tl.static_range(NUM_RES):
-        offs_k = c * KC + tl.arange(0, KC)
-        m = rows_ok[:, None] & (offs_k < K)[None, :]
-        dg = row + offs_k[None, :]
+        offs_k = _k_split(c * KC, KC, SPLIT_K)[:, None, :]
+        m = row_m & (offs_k < K)
+        dg = row + offs_k
         # One gate at a time keeps a single gradient tile live.
         acc = _dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0[c], acc,
                    DOT_PRECISION)
@@ -211,17 +251,17 @@ def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B
                        acc, DOT_PRECISION)
     if BLOCK_K > 0:
         for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
-            offs_s = k0 + tl.arange(0, BLOCK_K)
+            offs_s = _k_split(k0, BLOCK_K, SPLIT_K)
             s_mask = offs_s < K
-            ms = rows_ok[:, None] & s_mask[None, :]
+            ms = row_m & s_mask[:, None, :]
             wp = _weight_ptrs(W, offs_s, offs_n, ROW, False)
-            wm = s_mask[:, None] & n_mask[None, :]
+            wm = s_mask[:, :, None] & n_mask[None, None, :]
             for g in tl.static_range(NUM_GATES):
-                acc = _dot(tl.load(row + g * K + offs_s[None, :], mask=ms, other=0.0,
+                acc = _dot(tl.load(row + g * K + offs_s[:, None, :], mask=ms, other=0.0,
                                    cache_modifier=".cg"),
                            tl.load(wp + g * GSTRIDE, mask=wm, other=0.0), acc,
                            DOT_PRECISION)
-    return acc
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -259,8 +299,8 @@ def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES
                    CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
                    HAS_C: tl.constexpr, HAS_PROJ: tl.constexpr, KC: tl.constexpr,
                    NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REVERSE: tl.constexpr,
+                   VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One step's gates for the program's hidden units, every batch tile it owns."""
     GH = NUM_GATES * H
     SH = NUM_SAVED * H
@@ -280,7 +320,7 @@ def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES
             a0, a1, a2, a3 = _forward_preacts(HBUF, W, _slot(t_prev, REVERSE), r64, rows < B,
                                               offs_n, n_mask, w0, w1, w2, w3, B, R,
                                               _gate_stride(H, R), NUM_GATES, KC, NUM_KC,
-                                              NUM_RES, BLOCK_K, DOT_PRECISION)
+                                              NUM_RES, BLOCK_K, SPLIT_K, DOT_PRECISION)
 
             own = r64[:, None] * H + offs_n[None, :]
             own_m = live[:, None] & n_mask[None, :]
@@ -325,7 +365,8 @@ def _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES
 def _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b, step, BATCH_SIZES,
                      T, B, H, R, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
                      NUM_RES2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                     REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     SPLIT_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """LSTM projection of one step: ``h_t = m_t @ W_hr^T`` for the program's slice of ``h``."""
     t = _step_index(step, T, REVERSE)
     n_live = _active_rows(BATCH_SIZES, t, step >= 0, B, T, VARLEN)
@@ -336,7 +377,7 @@ def _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b, step, 
             r64 = rows.to(tl.int64)
             live = rows < n_live
             h, _, _, _ = _forward_preacts(MBUF, WR, t64, r64, live, offs_p, p_mask, wr, wr, wr,
-                                          wr, B, H, 0, 1, KC2, NUM_KC2, NUM_RES2, BLOCK_K,
+                                          wr, B, H, 0, 1, KC2, NUM_KC2, NUM_RES2, BLOCK_K, SPLIT_K,
                                           DOT_PRECISION)
             tl.store(HBUF + _slot(t, REVERSE) * B * R + r64[:, None] * R + offs_p[None, :],
                      h.to(HBUF.dtype.element_ty), mask=live[:, None] & p_mask[None, :])
@@ -349,10 +390,9 @@ def rnn_forward_kernel(
     CELL_FWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr,
     KC: tl.constexpr, NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, KC2: tl.constexpr,
-    NUM_KC2: tl.constexpr, NUM_RES2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NUM_KC2: tl.constexpr, NUM_RES2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Steps ``t_begin .. t_begin + n_steps - 1`` of one (layer, direction).
 
@@ -384,12 +424,13 @@ def rnn_forward_kernel(
     # On-chip weights: tile g holds W[g*H + n, k] at (k, n), i.e. W_hh_g^T for our units.
     # Loaded once, before the time loop (the first NUM_RES K chunks; the rest streams).
     w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, R, R, _gate_stride(H, R), True,
-                                       NUM_GATES, KC, NUM_RES)
+                                       NUM_GATES, KC, NUM_RES, SPLIT_K)
     offs_p = pid_h * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = offs_p < R
     wr = ()
     if HAS_PROJ:  # W_hr^T for our outputs: WR[p, k] at (k, p)
-        wr, _, _, _ = _resident_weights(WR, offs_p, p_mask, H, H, 0, True, 1, KC2, NUM_RES2)
+        wr, _, _, _ = _resident_weights(WR, offs_p, p_mask, H, H, 0, True, 1, KC2, NUM_RES2,
+                                        SPLIT_K)
     b_hn = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_BHN:
         b_hn = tl.load(BHN + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -401,17 +442,18 @@ def rnn_forward_kernel(
                 _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
                                w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, phase // 2,
                                T, B, H, R, CELL_FWD, NUM_GATES, NUM_SAVED, HAS_C, HAS_PROJ, KC,
-                               NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, REVERSE, VARLEN,
+                               NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, SPLIT_K, REVERSE, VARLEN,
                                DOT_PRECISION)
             else:
                 _forward_project(HBUF, MBUF, WR, wr, offs_p, p_mask, pid_b, n_prog_b,
                                  phase // 2, BATCH_SIZES, T, B, H, R, KC2, NUM_KC2, NUM_RES2,
-                                 BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                                 BLOCK_B, BLOCK_K, SPLIT_K, REVERSE, VARLEN, DOT_PRECISION)
         else:
             _forward_gates(XG, W, BHN, H0, C0, HBUF, MBUF, HST, CSEQ, SAVED, BATCH_SIZES,
                            w0, w1, w2, w3, b_hn, offs_n, n_mask, pid_b, n_prog_b, phase,
                            T, B, H, R, CELL_FWD, NUM_GATES, NUM_SAVED, HAS_C, HAS_PROJ, KC,
-                           NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                           NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, SPLIT_K, REVERSE, VARLEN,
+                           DOT_PRECISION)
         tl.debug_barrier()
         if USE_BARRIER:
             grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
@@ -422,8 +464,8 @@ def _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, off
                       pid_b, n_prog_b, bstep, T, B, H, R, NUM_GATES: tl.constexpr,
                       KC: tl.constexpr, NUM_KC: tl.constexpr, NUM_RES: tl.constexpr,
                       BLOCK_B: tl.constexpr,
-                      BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REVERSE: tl.constexpr,
+                      VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """LSTM projection, backward: the program's slice of ``dh_t`` (``P`` wide) into ``DHSEQ``.
 
     ``dh_t = dout_t + dG(t+1) @ W_hh`` (or ``+ dh_n`` at a row's last step).
@@ -443,7 +485,7 @@ def _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, off
             to_next = rows < n_next
             dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_p, p_mask, w0, w1, w2, w3, B,
                                   H, R, _gate_stride(H, R), NUM_GATES, KC, NUM_KC, NUM_RES,
-                                  BLOCK_K, DOT_PRECISION)
+                                  BLOCK_K, SPLIT_K, DOT_PRECISION)
             own = r64[:, None] * R + offs_p[None, :]
             own_m = live[:, None] & p_mask[None, :]
             nxt = to_next[:, None]
@@ -461,8 +503,8 @@ def _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, 
                     HAS_PROJ: tl.constexpr, KC: tl.constexpr, NUM_KC: tl.constexpr,
                     NUM_RES: tl.constexpr, KC2: tl.constexpr, NUM_KC2: tl.constexpr,
                     NUM_RES2: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_K: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, REVERSE: tl.constexpr,
+                    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One backward step's gate gradients for the program's hidden units."""
     GH = NUM_GATES * H
     SH = NUM_SAVED * H
@@ -489,12 +531,13 @@ def _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, 
             if HAS_PROJ:
                 # dm_t = dh_t @ W_hr, from the slices of dh_t all programs just wrote.
                 dh = _backward_dh(DHSEQ, WR, t64, r64, live, offs_n, n_mask, wr, wr, wr, wr, B,
-                                  R, H, 0, 1, KC2, NUM_KC2, NUM_RES2, BLOCK_K, DOT_PRECISION)
+                                  R, H, 0, 1, KC2, NUM_KC2, NUM_RES2, BLOCK_K, SPLIT_K,
+                                  DOT_PRECISION)
             else:
                 # Recurrent part of dh_t: the later step's gate gradients times W_hh.
                 dh_rec = _backward_dh(DGH, W, tn64, r64, to_next, offs_n, n_mask, w0, w1, w2,
                                       w3, B, H, H, _gate_stride(H, H), NUM_GATES, KC, NUM_KC,
-                                      NUM_RES, BLOCK_K, DOT_PRECISION)
+                                      NUM_RES, BLOCK_K, SPLIT_K, DOT_PRECISION)
                 dh = tl.where(nxt, dh_rec + tl.load(DHST + own, mask=own_m & nxt, other=0.0),
                               tl.load(DHN + own, mask=own_m & ~nxt, other=0.0).to(tl.float32))
                 dh += tl.load(DOUT + t64 * B * H + own, mask=own_m, other=0.0).to(tl.float32)
@@ -557,10 +600,9 @@ def rnn_backward_kernel(
     CELL_BWD: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_C: tl.constexpr, SPLIT_X_GRAD: tl.constexpr, HAS_PROJ: tl.constexpr,
     KC: tl.constexpr, NUM_KC: tl.constexpr, NUM_RES: tl.constexpr, KC2: tl.constexpr,
-    NUM_KC2: tl.constexpr, NUM_RES2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    REVERSE: tl.constexpr, VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NUM_KC2: tl.constexpr, NUM_RES2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Backward steps ``t_begin .. t_begin + n_steps - 1`` (0 = the forward's last step).
 
@@ -587,12 +629,13 @@ def rnn_backward_kernel(
     if HAS_PROJ:
         # Columns of W_hh_g for our slice of h, and of W_hr for our units.
         w0, w1, w2, w3 = _resident_weights(W, offs_p, p_mask, H, R, _gate_stride(H, R), False,
-                                           NUM_GATES, KC, NUM_RES)
-        wr, _, _, _ = _resident_weights(WR, offs_n, n_mask, R, H, 0, False, 1, KC2, NUM_RES2)
+                                           NUM_GATES, KC, NUM_RES, SPLIT_K)
+        wr, _, _, _ = _resident_weights(WR, offs_n, n_mask, R, H, 0, False, 1, KC2, NUM_RES2,
+                                        SPLIT_K)
     else:
         # Tile g holds W[g*H + k, n] at (k, n): columns of W_hh_g for our units.
         w0, w1, w2, w3 = _resident_weights(W, offs_n, n_mask, H, H, _gate_stride(H, H), False,
-                                           NUM_GATES, KC, NUM_RES)
+                                           NUM_GATES, KC, NUM_RES, SPLIT_K)
 
     for s in range(n_steps):
         phase = t_begin + s
@@ -602,21 +645,21 @@ def rnn_backward_kernel(
             if phase % 2 == 0:
                 _backward_project(DOUT, DHN, W, DGH, DHSEQ, BATCH_SIZES, w0, w1, w2, w3, offs_p,
                                   p_mask, pid_b, n_prog_b, bstep, T, B, H, R, NUM_GATES, KC,
-                                  NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, REVERSE, VARLEN,
+                                  NUM_KC, NUM_RES, BLOCK_B, BLOCK_K, SPLIT_K, REVERSE, VARLEN,
                                   DOT_PRECISION)
             else:
                 _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN,
                                 DHSEQ, DHST, DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n,
                                 n_mask, pid_b, n_prog_b, bstep, T, B, H, R, CELL_BWD, NUM_GATES,
                                 NUM_SAVED, HAS_C, SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, NUM_RES,
-                                KC2, NUM_KC2, NUM_RES2, BLOCK_B, BLOCK_K, REVERSE, VARLEN,
+                                KC2, NUM_KC2, NUM_RES2, BLOCK_B, BLOCK_K, SPLIT_K, REVERSE, VARLEN,
                                 DOT_PRECISION)
         else:
             _backward_gates(DOUT, DHN, DCN, W, WR, HBUF, H0, C0, CSEQ, SAVED, DGH, DXN, DHSEQ,
                             DHST, DCST, BATCH_SIZES, w0, w1, w2, w3, wr, offs_n, n_mask, pid_b,
                             n_prog_b, bstep, T, B, H, R, CELL_BWD, NUM_GATES, NUM_SAVED, HAS_C,
                             SPLIT_X_GRAD, HAS_PROJ, KC, NUM_KC, NUM_RES, KC2, NUM_KC2, NUM_RES2,
-                            BLOCK_B, BLOCK_K, REVERSE, VARLEN, DOT_PRECISION)
+                            BLOCK_B, BLOCK_K, SPLIT_K, REVERSE, VARLEN, DOT_PRECISION)
         tl.debug_barrier()
         if USE_BARRIER:
             grid_barrier(BAR + pid_b, (s + 1) * n_prog_h)
