@@ -162,7 +162,7 @@ WARM_PIDS=()
 WARM_LIMIT=$((DEADLINE - $(date +%s) - $(r 300)))
 ((WARM_LIMIT > 150)) && WARM_LIMIT=150
 # Steps 5 and 9 tune (defined here: their kernels are compiled in the background too).
-TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8 --config 16,16,8,1,0,0,1 --config 32,16,8,1,128"
+TUNE_GRU_ARGS="--cell gru --hidden 1024 --batch 32 --dtype bfloat16 --backward --config 16,16,8,1,0,0,8 --config 16,16,8,1,0,0,1 --config 32,16,8,1,128"
 TUNE_LSTM2048_ARGS="--cell lstm --hidden 2048 --batch 16 --dtype bfloat16 --config 16,16,8,1,128,1536 --config 16,16,8,1,128"
 if ((HAVE_CUDA && WARM_LIMIT >= 15)); then
     WARM_ARGS="--seq-len 2 --impls triton,triton_stepwise --no-flashrnn --no-check --rounds 1 --sets 1 --warmup-ms 1 --rep-ms 1 --no-plot"

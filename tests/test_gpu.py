@@ -217,6 +217,21 @@ def test_streamed_weights(kind, hidden, dtype, config):
     _compare(case, dtype, seed=7, kernel_options=opts)
 
 
+@pytest.mark.parametrize("kind,hidden,dtype,proj,config", [
+    ("GRU", 1024, torch.bfloat16, 0, KernelConfig(16, 16, 8, split_k=8)),
+    ("GRU", 1024, torch.bfloat16, 0, KernelConfig(16, 16, 8, split_k=1)),
+    ("LSTM", 1024, torch.float32, 0, KernelConfig(16, 16, 8, split_k=4)),
+    ("LSTM", 1024, torch.bfloat16, 256, KernelConfig(32, 16, 8, split_k=4)),
+    ("LSTM", 2048, torch.bfloat16, 0, KernelConfig(16, 16, 8, 1, 128, 1536, split_k=8)),
+])
+def test_split_k(kind, hidden, dtype, proj, config):
+    """K split over the warps (and not), set explicitly whatever this Triton's default,
+    on-chip, with a projection and partly streamed: values and gradients."""
+    _no_fallback()
+    case = Case(kind=kind, input_size=128, hidden=hidden, T=24, B=24, proj=proj)
+    _compare(case, dtype, seed=12, kernel_options={"config": config, "backward_config": config})
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 def test_packed_sequences(kind):
     case = Case(kind=kind, input_size=128, hidden=512, layers=2, bidirectional=True, T=40,

@@ -292,14 +292,28 @@ def test_fp32_recurrence_follows_cudnns_rnn_tf32_switch(gpu_props):
     # A projection phase's output is block_b x block_p (1024 / 256 over 32 programs: 8 wide).
     (KernelConfig(32, 16, num_warps=8), 1024, 256, True, 4),
 ])
-def test_split_k_gives_idle_warps_part_of_k(cfg, hidden, proj, gpu, parts):
+def test_split_k_gives_idle_warps_part_of_k(monkeypatch, cfg, hidden, proj, gpu, parts):
     """split_k=0 splits K over the warps that the output tile leaves idle (at most
-    MAX_AUTO_SPLIT_K parts); a set split_k is kept; neither goes under the dot's K minimum."""
+    MAX_AUTO_SPLIT_K parts); a set split_k is kept; neither goes under the dot's K minimum.
+    (The rule of a Triton with automatic split-K; older ones: the next test.)"""
+    monkeypatch.setattr(launch, "auto_split_k", lambda: True)
     plan = launch._plan(hidden, 64, cfg, "persistent", gpu=gpu, proj=proj)
     assert plan.split_k == parts
     meta = launch.k_chunk_meta(hidden, proj or hidden, plan.block_k, plan.resident_k, gpu=gpu,
                                split_k=plan.split_k)
     assert meta["SPLIT_K"] == parts and meta["KC"] % parts == 0
+
+
+def test_no_automatic_split_k_before_its_triton_version(monkeypatch):
+    """With a Triton before AUTO_SPLIT_K_MIN_TRITON, split_k=0 is the un-split dot on a GPU
+    and the defaults ask for nothing more; a set split_k and the interpreter still split."""
+    monkeypatch.setattr(launch, "auto_split_k", lambda: False)
+    auto, eight = KernelConfig(16, 16, num_warps=8), KernelConfig(16, 16, num_warps=8, split_k=8)
+    assert launch._plan(1024, 64, auto, "persistent", gpu=True).split_k == 1
+    assert launch._plan(1024, 64, eight, "persistent", gpu=True).split_k == 8
+    assert launch._plan(1024, 64, auto, "persistent", gpu=False).split_k == 4
+    for cell, hidden in (("lstm", 1024), ("gru", 2048), ("lstm", 2048)):
+        assert launch.default_config(cell, "forward", torch.bfloat16, hidden, 64).split_k == 0
 
 
 def test_split_k_is_a_config_field():

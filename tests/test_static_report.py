@@ -17,6 +17,7 @@ import sys
 import pytest
 import triton
 
+from triton_rnn.kernels import launch
 from triton_rnn.kernels.inspect import _weights_loaded_in_loop, barrier_ordering, static_reports
 
 CELLS = ["gru", "lstm", "rnn_tanh"]
@@ -93,6 +94,9 @@ def test_default_configs_fit_sm90_without_spills(default_reports):
         assert r["config"]["block_k"] == 0 and r["weights_on_chip"] == 1, f"{where}: off-chip"
 
 
+@pytest.mark.skipif(not launch.auto_split_k(),
+                    reason="this Triton's defaults keep the un-split dot "
+                           "(launch.AUTO_SPLIT_K_MIN_TRITON)")
 def test_no_warp_repeats_another_warps_tensor_core_work(default_reports):
     """Every warp of a program runs the same tensor-core instructions, so their count
     times the warps must be one step's work (in 16 x 8 x 16 bf16 tiles): the gates x

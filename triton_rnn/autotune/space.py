@@ -54,6 +54,8 @@ the default with nothing kept on-chip; ordered by closeness to the default. For
 (``block_k=128``) are added at the end, so the tuner can compare persistence
 against streaming, and so is the default with ``split_k=1`` (every warp
 multiplies all of K), so that it measures what splitting K over the warps buys.
+With a Triton whose defaults do not split K (``launch.AUTO_SPLIT_K_MIN_TRITON``),
+the default split over all its warps and over half of them instead.
 The default config is always a candidate.
 
 Default rule
@@ -300,9 +302,13 @@ def _streaming_extras(key: KernelKey, base: KernelConfig) -> List[KernelConfig]:
 
 def candidate_configs(key: KernelKey, default: Optional[KernelConfig] = None) -> List[KernelConfig]:
     """The configs the tuner tries for ``key`` (the default first, then by closeness to it)."""
+    from ..kernels.launch import auto_split_k
     base = default or heuristic_config(key)
     extras = _streaming_extras(key, base)
-    if base.split_k != 1:  # the default without split-K: what splitting K buys
+    if not auto_split_k():  # the default is un-split here: time split tiles against it
+        extras = [replace(base, split_k=base.num_warps),
+                  replace(base, split_k=base.num_warps // 2)] + extras
+    elif base.split_k != 1:  # the default without split-K: what splitting K buys
         extras = [replace(base, split_k=1)] + extras
     own = _preference_order(key, base, [base, *_own_candidates(key, base)])
     own = own[:MAX_CANDIDATES - len(extras)]

@@ -98,6 +98,20 @@ MAX_SINGLE_PROGRAM_COLUMNS = 256
 #: keep 16 B there; with 1 part, GRU 2560-4096 fp32 and LSTM 2560-4096 bf16 backward
 #: did instead.)
 MAX_AUTO_SPLIT_K = 4
+#: The automatic split-K (``split_k=0``, and the defaults' ``split_k``) from this Triton
+#: version on; before it, the un-split 2-D dot. Compiled for sm_90, Triton 3.6 lays a
+#: batched dot's spare warps along M rather than N (GRU hidden 1024 bf16 at 4 parts of 8
+#: warps: 96 ``HMMA`` per warp, 768 in all for a 384-``HMMA`` step), and at 8 parts keeps
+#: 8-16 B of loop invariants on the stack in LSTM defaults (hidden 1024 bf16 forward,
+#: 1536 backward, 256 fp32 forward). The tuner still times split tiles there, and a
+#: config's explicit ``split_k`` is always kept.
+AUTO_SPLIT_K_MIN_TRITON = (3, 9)
+
+
+def auto_split_k() -> bool:
+    """Whether this Triton gets split-K by default (:data:`AUTO_SPLIT_K_MIN_TRITON`)."""
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    return version >= AUTO_SPLIT_K_MIN_TRITON
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
@@ -166,7 +180,8 @@ def split_parts(split_k: int, num_warps: int, out_tiles: int, k_extents,
                 gpu: Optional[bool] = None) -> int:
     """Parts each step's dots split K into (``SPLIT_K``, see :class:`KernelConfig`).
 
-    ``split_k`` when set; else (0) the warps the output tile leaves idle: a dot
+    ``split_k`` when set; else (0), compiling for a GPU with a Triton older than
+    :data:`AUTO_SPLIT_K_MIN_TRITON`, 1; else the warps the output tile leaves idle: a dot
     gives each warp whole ``16 x 8`` tensor-core tiles of its output, so a
     program's ``out_tiles`` of them (``BLOCK_B / 16 * N / 8``) keep at most that
     many warps busy, and ``num_warps / out_tiles`` parts of K give the rest work
@@ -179,6 +194,8 @@ def split_parts(split_k: int, num_warps: int, out_tiles: int, k_extents,
         gpu = not interpreting()
     if split_k:
         parts = triton.next_power_of_2(split_k)
+    elif gpu and not auto_split_k():
+        parts = 1
     else:
         parts = min(MAX_AUTO_SPLIT_K, max(1, num_warps // max(1, out_tiles)))
     least = MIN_DOT if gpu else 1
@@ -249,6 +266,7 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     most :data:`MAX_AUTO_SPLIT_K`), except where the on-chip slice leaves room for one
     program per SM anyway (over half of :data:`ONCHIP_WEIGHT_LIMIT`, or partly
     streamed): all ``num_warps``, unless a streamed chunk is too narrow for that.
+    With a Triton older than :data:`AUTO_SPLIT_K_MIN_TRITON`, 0 (which is 1 there).
     ``pass_`` is accepted for symmetry: both passes hold the same slice size.
 
     With an LSTM projection (``proj``) a slice is its ``W_hh`` rows (``proj``
@@ -292,7 +310,8 @@ def default_config(cell: str, pass_: str, dtype, hidden: int, batch: int,
     big = hp >= 1024 or itemsize == 4 or spec.gates * block_h >= 256
     num_warps = 8 if spec.gates > 1 and big else 4
     split_k = 0
-    if resident_k or (not block_k and size(block_h) > ONCHIP_WEIGHT_LIMIT // 2):
+    if auto_split_k() and (resident_k or (
+            not block_k and size(block_h) > ONCHIP_WEIGHT_LIMIT // 2)):
         # One program per SM whatever its registers (its slice takes most of the shared
         # memory): split K over all the warps, unless a streamed chunk is too narrow for
         # that (then the automatic rule; see MAX_AUTO_SPLIT_K).

@@ -93,23 +93,78 @@ def _gate_stride(H, R):
     return tl.cast(H, tl.int64) * R
 
 
+# Split-K layouts. With SPLIT_K > 1 a K range is ``[SPLIT_K, KS]`` (KS = K // SPLIT_K),
+# a weight tile ``[SPLIT_K, KS, N]``, an activation tile ``[SPLIT_K, M, KS]`` and an
+# accumulator ``[SPLIT_K, M, N]``; with SPLIT_K == 1 they are the plain 1-D range and 2-D
+# tiles (not 3-D tiles with a batch of one, which Triton 3.6 lays out badly: all warps on
+# the size-1 dimension). These helpers place a vector along the right axis of either.
+
 @triton.jit
 def _k_split(k0, KC: tl.constexpr, SPLIT_K: tl.constexpr):
     """Inputs ``k0 .. k0 + KC - 1`` as ``[SPLIT_K, KC // SPLIT_K]``: row ``s`` is the K range
-    that the ``s``-th group of warps multiplies (split-K; see :func:`_forward_preacts`)."""
-    KS: tl.constexpr = KC // SPLIT_K
-    return k0 + tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]
+    that the ``s``-th group of warps multiplies (split-K; see :func:`_forward_preacts`);
+    the plain ``[KC]`` range when ``SPLIT_K == 1``."""
+    if SPLIT_K == 1:
+        return k0 + tl.arange(0, KC)
+    else:
+        KS: tl.constexpr = KC // SPLIT_K
+        return k0 + tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]
 
 
 @triton.jit
-def _weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT: tl.constexpr):
-    """Pointers to gate 0's ``[S, KS, N]`` tile (``offs_k`` is ``[S, KS]``, :func:`_k_split`)
-    of a row-major weight with rows of ``ROW`` elements: ``W[n, k]`` (``BY_UNIT``: the
+def _k_rows(k, SPLIT_K: tl.constexpr):
+    """A K range (:func:`_k_split`) as the rows of a weight tile: ``[.., K, 1]``."""
+    if SPLIT_K == 1:
+        return k[:, None]
+    else:
+        return k[:, :, None]
+
+
+@triton.jit
+def _k_cols(k, SPLIT_K: tl.constexpr):
+    """A K range as the columns of an activation tile: ``[1, K]`` or ``[S, 1, KS]``."""
+    if SPLIT_K == 1:
+        return k[None, :]
+    else:
+        return k[:, None, :]
+
+
+@triton.jit
+def _m_rows(v, SPLIT_K: tl.constexpr):
+    """A ``[M]`` vector (batch rows) as ``[M, 1]`` or ``[1, M, 1]``."""
+    if SPLIT_K == 1:
+        return v[:, None]
+    else:
+        return v[None, :, None]
+
+
+@triton.jit
+def _n_cols(v, SPLIT_K: tl.constexpr):
+    """A ``[N]`` vector (output columns) as ``[1, N]`` or ``[1, 1, N]``."""
+    if SPLIT_K == 1:
+        return v[None, :]
+    else:
+        return v[None, None, :]
+
+
+@triton.jit
+def _parts_sum(acc, SPLIT_K: tl.constexpr):
+    """A split-K accumulator summed over its parts: ``[M, N]``."""
+    if SPLIT_K == 1:
+        return acc
+    else:
+        return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Pointers to gate 0's ``[K, N]`` tile (``[S, KS, N]`` split, :func:`_k_split`) of a
+    row-major weight with rows of ``ROW`` elements: ``W[n, k]`` (``BY_UNIT``: the
     forward's ``W^T``) or ``W[k, n]`` (backward)."""
     if BY_UNIT:
-        return W + offs_n[None, None, :].to(tl.int64) * ROW + offs_k[:, :, None]
+        return W + _n_cols(offs_n, SPLIT_K).to(tl.int64) * ROW + _k_rows(offs_k, SPLIT_K)
     else:
-        return W + offs_k[:, :, None].to(tl.int64) * ROW + offs_n[None, None, :]
+        return W + _k_rows(offs_k, SPLIT_K).to(tl.int64) * ROW + _n_cols(offs_n, SPLIT_K)
 
 
 @triton.jit
@@ -127,8 +182,8 @@ def _resident_weights(W, offs_n, n_mask, K, ROW, GSTRIDE, BY_UNIT: tl.constexpr,
     w3 = ()
     for c in tl.static_range(NUM_RES):
         offs_k = _k_split(c * KC, KC, SPLIT_K)
-        t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT),
-                                          (offs_k < K)[:, :, None] & n_mask[None, None, :],
+        t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT, SPLIT_K),
+                                          _k_rows(offs_k < K, SPLIT_K) & _n_cols(n_mask, SPLIT_K),
                                           GSTRIDE, NUM_GATES)
         w0 = w0 + (t0,)
         w1 = w1 + (t1,)
@@ -150,18 +205,18 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _split_sum(a0, a1, a2, a3, NUM_GATES: tl.constexpr):
-    """Reduce split-K accumulators ``[SPLIT_K, M, N]`` to ``[M, N]`` (unused gates alias 0)."""
-    r0 = tl.sum(a0, axis=0)
+def _split_sum(a0, a1, a2, a3, NUM_GATES: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Reduce split-K accumulators to ``[M, N]`` (unused gates alias gate 0)."""
+    r0 = _parts_sum(a0, SPLIT_K)
     r1 = r0
     r2 = r0
     r3 = r0
     if NUM_GATES > 1:
-        r1 = tl.sum(a1, axis=0)
+        r1 = _parts_sum(a1, SPLIT_K)
     if NUM_GATES > 2:
-        r2 = tl.sum(a2, axis=0)
+        r2 = _parts_sum(a2, SPLIT_K)
     if NUM_GATES > 3:
-        r3 = tl.sum(a3, axis=0)
+        r3 = _parts_sum(a3, SPLIT_K)
     return r0, r1, r2, r3
 
 
@@ -184,14 +239,17 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
     dot every warp would multiply all of K, and extra warps would only repeat the
     same work (same instructions, same shared-memory reads of the weights).
     """
-    a0 = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    if SPLIT_K == 1:
+        a0 = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    else:
+        a0 = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
-    row = (SRC + slot64 * B * K + r64 * K)[None, :, None]
-    row_m = rows_ok[None, :, None]
+    row = _m_rows(SRC + slot64 * B * K + r64 * K, SPLIT_K)
+    row_m = _m_rows(rows_ok, SPLIT_K)
     for c in tl.static_range(NUM_RES):
-        offs_k = _k_split(c * KC, KC, SPLIT_K)[:, None, :]
+        offs_k = _k_cols(_k_split(c * KC, KC, SPLIT_K), SPLIT_K)
         h = tl.load(row + offs_k, mask=row_m & (offs_k < K), other=0.0, cache_modifier=".cg")
         a0 = _dot(h, w0[c], a0, DOT_PRECISION)
         if NUM_GATES > 1:
@@ -204,10 +262,10 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
         for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
             offs_s = _k_split(k0, BLOCK_K, SPLIT_K)
             s_mask = offs_s < K
-            hs = tl.load(row + offs_s[:, None, :], mask=row_m & s_mask[:, None, :], other=0.0,
-                         cache_modifier=".cg")
-            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_s, offs_n, K, True),
-                                              s_mask[:, :, None] & n_mask[None, None, :],
+            hs = tl.load(row + _k_cols(offs_s, SPLIT_K), mask=row_m & _k_cols(s_mask, SPLIT_K),
+                         other=0.0, cache_modifier=".cg")
+            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_s, offs_n, K, True, SPLIT_K),
+                                              _k_rows(s_mask, SPLIT_K) & _n_cols(n_mask, SPLIT_K),
                                               GSTRIDE, NUM_GATES)
             a0 = _dot(hs, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
@@ -216,7 +274,7 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
                 a2 = _dot(hs, v2, a2, DOT_PRECISION)
             if NUM_GATES > 3:
                 a3 = _dot(hs, v3, a3, DOT_PRECISION)
-    return _split_sum(a0, a1, a2, a3, NUM_GATES)
+    return _split_sum(a0, a1, a2, a3, NUM_GATES, SPLIT_K)
 
 
 @triton.jit
@@ -230,11 +288,14 @@ def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B
     ``W_hh`` (``K = H``); with an LSTM projection also ``dm_t = dh_t @ W_hr``.
     K chunks and split-K as in :func:`_forward_preacts`.
     """
-    acc = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
-    row = (SRC + (slot64 * B + r64) * (NUM_GATES * K))[None, :, None]
-    row_m = rows_ok[None, :, None]
+    if SPLIT_K == 1:
+        acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    else:
+        acc = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    row = _m_rows(SRC + (slot64 * B + r64) * (NUM_GATES * K), SPLIT_K)
+    row_m = _m_rows(rows_ok, SPLIT_K)
     for c in tl.static_range(NUM_RES):
-        offs_k = _k_split(c * KC, KC, SPLIT_K)[:, None, :]
+        offs_k = _k_cols(_k_split(c * KC, KC, SPLIT_K), SPLIT_K)
         m = row_m & (offs_k < K)
         dg = row + offs_k
         # One gate at a time keeps a single gradient tile live.
@@ -253,15 +314,15 @@ def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B
         for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
             offs_s = _k_split(k0, BLOCK_K, SPLIT_K)
             s_mask = offs_s < K
-            ms = row_m & s_mask[:, None, :]
-            wp = _weight_ptrs(W, offs_s, offs_n, ROW, False)
-            wm = s_mask[:, :, None] & n_mask[None, None, :]
+            ms = row_m & _k_cols(s_mask, SPLIT_K)
+            wp = _weight_ptrs(W, offs_s, offs_n, ROW, False, SPLIT_K)
+            wm = _k_rows(s_mask, SPLIT_K) & _n_cols(n_mask, SPLIT_K)
             for g in tl.static_range(NUM_GATES):
-                acc = _dot(tl.load(row + g * K + offs_s[:, None, :], mask=ms, other=0.0,
+                acc = _dot(tl.load(row + g * K + _k_cols(offs_s, SPLIT_K), mask=ms, other=0.0,
                                    cache_modifier=".cg"),
                            tl.load(wp + g * GSTRIDE, mask=wm, other=0.0), acc,
                            DOT_PRECISION)
-    return tl.sum(acc, axis=0)
+    return _parts_sum(acc, SPLIT_K)
 
 
 @triton.jit
