@@ -401,3 +401,23 @@ def test_from_json_refuses_other_files(tmp_path, capsys, content, msg):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
     assert list(tmp_path.iterdir()) == [src]  # no plot written beside it
+
+
+def test_profile_timeline_summary():
+    """benchmarks/profile.py's per-call figures from a Chrome trace: GPU busy time is the
+    union of kernel intervals, and two streams' kernels running at once count as overlap."""
+    from benchmarks.profile import timeline_summary
+
+    def kernel(ts, dur, stream):
+        return {"ph": "X", "cat": "kernel", "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [
+        kernel(0, 10, 7), kernel(5, 10, 13),  # 5 us of overlap
+        kernel(30, 10, 7),
+        {"ph": "X", "cat": "cuda_runtime", "ts": 0, "dur": 4},
+        {"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 100},
+    ]}
+    s = timeline_summary(trace, iters=2)
+    assert s["kernels_per_call"] == 1.5 and s["streams"] == 2
+    assert s["gpu_busy_us"] == 12.5 and s["gpu_span_us"] == 20.0
+    assert s["two_streams_at_once_us"] == 2.5 and s["cuda_api_us"] == 2.0
