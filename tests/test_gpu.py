@@ -220,7 +220,7 @@ def test_streamed_weights(kind, hidden, dtype, config):
 @pytest.mark.parametrize("kind,hidden,dtype,proj,config", [
     ("GRU", 1024, torch.bfloat16, 0, KernelConfig(16, 16, 8, split_k=8)),
     ("GRU", 1024, torch.bfloat16, 0, KernelConfig(16, 16, 8, split_k=1)),
-    ("LSTM", 1024, torch.float32, 0, KernelConfig(16, 16, 8, split_k=4)),
+    ("LSTM", 1024, torch.float32, 0, KernelConfig(8, 16, 8, split_k=4)),  # fp32: 8 units
     ("LSTM", 1024, torch.bfloat16, 256, KernelConfig(32, 16, 8, split_k=4)),
     ("LSTM", 2048, torch.bfloat16, 0, KernelConfig(16, 16, 8, 1, 128, 1536, split_k=8)),
 ])

@@ -285,7 +285,9 @@ def test_fp32_recurrence_follows_cudnns_rnn_tf32_switch(gpu_props):
     (KernelConfig(256, 16, num_warps=4), 256, 0, True, 1),
     # Parts of a K chunk stay at least 16 inputs on a GPU: hidden 32 is one 32-input chunk.
     (KernelConfig(8, 16, num_warps=8), 32, 0, True, 2),
-    (KernelConfig(8, 16, num_warps=8), 32, 0, False, 4),
+    (KernelConfig(8, 16, num_warps=8, split_k=4), 32, 0, False, 4),
+    # The interpreter's automatic split is none: parts only cost time there.
+    (KernelConfig(8, 16, num_warps=8), 32, 0, False, 1),
     # ... and so do parts of a streamed chunk, and of W_hr's chunk with a projection.
     (KernelConfig(16, 16, num_warps=8, block_k=32, split_k=4), 2048, 0, True, 2),
     (KernelConfig(32, 16, num_warps=8), 1024, 16, True, 1),
@@ -306,12 +308,12 @@ def test_split_k_gives_idle_warps_part_of_k(monkeypatch, cfg, hidden, proj, gpu,
 
 def test_no_automatic_split_k_before_its_triton_version(monkeypatch):
     """With a Triton before AUTO_SPLIT_K_MIN_TRITON, split_k=0 is the un-split dot on a GPU
-    and the defaults ask for nothing more; a set split_k and the interpreter still split."""
+    and the defaults ask for nothing more; a set split_k is kept, on a GPU and not."""
     monkeypatch.setattr(launch, "auto_split_k", lambda: False)
     auto, eight = KernelConfig(16, 16, num_warps=8), KernelConfig(16, 16, num_warps=8, split_k=8)
     assert launch._plan(1024, 64, auto, "persistent", gpu=True).split_k == 1
     assert launch._plan(1024, 64, eight, "persistent", gpu=True).split_k == 8
-    assert launch._plan(1024, 64, auto, "persistent", gpu=False).split_k == 4
+    assert launch._plan(1024, 64, eight, "persistent", gpu=False).split_k == 8
     for cell, hidden in (("lstm", 1024), ("gru", 2048), ("lstm", 2048)):
         assert launch.default_config(cell, "forward", torch.bfloat16, hidden, 64).split_k == 0
 

@@ -180,8 +180,9 @@ def split_parts(split_k: int, num_warps: int, out_tiles: int, k_extents,
                 gpu: Optional[bool] = None) -> int:
     """Parts each step's dots split K into (``SPLIT_K``, see :class:`KernelConfig`).
 
-    ``split_k`` when set; else (0), compiling for a GPU with a Triton older than
-    :data:`AUTO_SPLIT_K_MIN_TRITON`, 1; else the warps the output tile leaves idle: a dot
+    ``split_k`` when set; else (0) 1 in the interpreter (where parts cost time and buy
+    nothing) and with a Triton older than :data:`AUTO_SPLIT_K_MIN_TRITON`; else the warps
+    the output tile leaves idle: a dot
     gives each warp whole ``16 x 8`` tensor-core tiles of its output, so a
     program's ``out_tiles`` of them (``BLOCK_B / 16 * N / 8``) keep at most that
     many warps busy, and ``num_warps / out_tiles`` parts of K give the rest work
@@ -194,7 +195,7 @@ def split_parts(split_k: int, num_warps: int, out_tiles: int, k_extents,
         gpu = not interpreting()
     if split_k:
         parts = triton.next_power_of_2(split_k)
-    elif gpu and not auto_split_k():
+    elif not gpu or not auto_split_k():
         parts = 1
     else:
         parts = min(MAX_AUTO_SPLIT_K, max(1, num_warps // max(1, out_tiles)))
