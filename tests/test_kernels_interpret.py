@@ -242,13 +242,13 @@ def test_foundation_grid_through_triton(seed):
     compare(case, dtype=torch.float32, seed=seed)
 
 
-@pytest.mark.parametrize("split_k", [2, 8])
-@pytest.mark.parametrize("kind,proj,hidden,block_k", [("GRU", 0, 12, 0), ("LSTM", 8, 12, 0),
-                                                      ("LSTM", 0, 24, 8)])
+@pytest.mark.parametrize("kind,proj,hidden,block_k,split_k", [
+    ("GRU", 0, 12, 0, 2), ("LSTM", 8, 12, 0, 8), ("LSTM", 0, 24, 8, 8)])
 def test_split_k_parts(monkeypatch, poison_empty, kind, proj, hidden, block_k, split_k):
     """Each step's dots cut K into split_k parts and sum them (the other tests run the
-    interpreter's default, one part): 2 and 8 parts of a 16-input K chunk, with a
-    projection, and with one chunk of hidden 24 on-chip and one streamed 8 at a time."""
+    interpreter's default, one part): 2 parts of a 16-input K chunk, 8 with a projection,
+    and 8 with one chunk of hidden 24 on-chip and one streamed 8 at a time (in 8 parts
+    of one input)."""
     from triton_rnn.kernels import launch
 
     monkeypatch.setattr(launch, "RESIDENT_K_CHUNK", 16)
@@ -266,7 +266,6 @@ def test_split_k_parts(monkeypatch, poison_empty, kind, proj, hidden, block_k, s
     monkeypatch.setattr(launch, "_launch", spy)
     compare(case, dtype=torch.float32, kernel_options={"config": cfg, "backward_config": cfg},
             seed=split_k)
-    # A streamed chunk of 8 inputs splits into at most 8 parts of 1.
     assert seen == ({(split_k, 1, 2)} if block_k else {(split_k, 1, 1)})
 
 

@@ -97,7 +97,9 @@ def _gate_stride(H, R):
 # a weight tile ``[SPLIT_K, KS, N]``, an activation tile ``[SPLIT_K, M, KS]`` and an
 # accumulator ``[SPLIT_K, M, N]``; with SPLIT_K == 1 they are the plain 1-D range and 2-D
 # tiles (not 3-D tiles with a batch of one, which Triton 3.6 lays out badly: all warps on
-# the size-1 dimension). These helpers place a vector along the right axis of either.
+# the size-1 dimension). Each helper below branches once on SPLIT_K: under Triton's
+# interpreter every @triton.jit call costs about a millisecond, so the layouts are not
+# built from many one-line helpers.
 
 @triton.jit
 def _k_split(k0, KC: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -112,59 +114,34 @@ def _k_split(k0, KC: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _k_rows(k, SPLIT_K: tl.constexpr):
-    """A K range (:func:`_k_split`) as the rows of a weight tile: ``[.., K, 1]``."""
+def _activation_tile(row, rows_ok, k, K, SPLIT_K: tl.constexpr):
+    """Pointers and mask of an activation tile: rows ``row`` (``[M]`` pointers, valid where
+    ``rows_ok``) at inputs ``k`` (:func:`_k_split`, valid below ``K``); ``[M, KC]`` or
+    ``[SPLIT_K, M, KS]``."""
     if SPLIT_K == 1:
-        return k[:, None]
+        return row[:, None] + k[None, :], rows_ok[:, None] & (k < K)[None, :]
     else:
-        return k[:, :, None]
+        return row[None, :, None] + k[:, None, :], rows_ok[None, :, None] & (k < K)[:, None, :]
 
 
 @triton.jit
-def _k_cols(k, SPLIT_K: tl.constexpr):
-    """A K range as the columns of an activation tile: ``[1, K]`` or ``[S, 1, KS]``."""
-    if SPLIT_K == 1:
-        return k[None, :]
-    else:
-        return k[:, None, :]
-
-
-@triton.jit
-def _m_rows(v, SPLIT_K: tl.constexpr):
-    """A ``[M]`` vector (batch rows) as ``[M, 1]`` or ``[1, M, 1]``."""
-    if SPLIT_K == 1:
-        return v[:, None]
-    else:
-        return v[None, :, None]
-
-
-@triton.jit
-def _n_cols(v, SPLIT_K: tl.constexpr):
-    """A ``[N]`` vector (output columns) as ``[1, N]`` or ``[1, 1, N]``."""
-    if SPLIT_K == 1:
-        return v[None, :]
-    else:
-        return v[None, None, :]
-
-
-@triton.jit
-def _parts_sum(acc, SPLIT_K: tl.constexpr):
-    """A split-K accumulator summed over its parts: ``[M, N]``."""
-    if SPLIT_K == 1:
-        return acc
-    else:
-        return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Pointers to gate 0's ``[K, N]`` tile (``[S, KS, N]`` split, :func:`_k_split`) of a
+def _weight_tile(W, k, K, offs_n, n_mask, ROW, BY_UNIT: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Pointers and mask of gate 0's weight tile at inputs ``k`` (:func:`_k_split`, valid
+    below ``K``) and columns ``offs_n``, ``[KC, N]`` or ``[SPLIT_K, KS, N]``, of a
     row-major weight with rows of ``ROW`` elements: ``W[n, k]`` (``BY_UNIT``: the
     forward's ``W^T``) or ``W[k, n]`` (backward)."""
-    if BY_UNIT:
-        return W + _n_cols(offs_n, SPLIT_K).to(tl.int64) * ROW + _k_rows(offs_k, SPLIT_K)
+    if SPLIT_K == 1:
+        kk = k[:, None]
+        nn = offs_n[None, :]
+        mask = (k < K)[:, None] & n_mask[None, :]
     else:
-        return W + _k_rows(offs_k, SPLIT_K).to(tl.int64) * ROW + _n_cols(offs_n, SPLIT_K)
+        kk = k[:, :, None]
+        nn = offs_n[None, None, :]
+        mask = (k < K)[:, :, None] & n_mask[None, None, :]
+    if BY_UNIT:
+        return W + nn.to(tl.int64) * ROW + kk, mask
+    else:
+        return W + kk.to(tl.int64) * ROW + nn, mask
 
 
 @triton.jit
@@ -181,10 +158,9 @@ def _resident_weights(W, offs_n, n_mask, K, ROW, GSTRIDE, BY_UNIT: tl.constexpr,
     w2 = ()
     w3 = ()
     for c in tl.static_range(NUM_RES):
-        offs_k = _k_split(c * KC, KC, SPLIT_K)
-        t0, t1, t2, t3 = _load_gate_tiles(_weight_ptrs(W, offs_k, offs_n, ROW, BY_UNIT, SPLIT_K),
-                                          _k_rows(offs_k < K, SPLIT_K) & _n_cols(n_mask, SPLIT_K),
-                                          GSTRIDE, NUM_GATES)
+        wp, wm = _weight_tile(W, _k_split(c * KC, KC, SPLIT_K), K, offs_n, n_mask, ROW,
+                              BY_UNIT, SPLIT_K)
+        t0, t1, t2, t3 = _load_gate_tiles(wp, wm, GSTRIDE, NUM_GATES)
         w0 = w0 + (t0,)
         w1 = w1 + (t1,)
         w2 = w2 + (t2,)
@@ -206,18 +182,22 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _split_sum(a0, a1, a2, a3, NUM_GATES: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Reduce split-K accumulators to ``[M, N]`` (unused gates alias gate 0)."""
-    r0 = _parts_sum(a0, SPLIT_K)
-    r1 = r0
-    r2 = r0
-    r3 = r0
-    if NUM_GATES > 1:
-        r1 = _parts_sum(a1, SPLIT_K)
-    if NUM_GATES > 2:
-        r2 = _parts_sum(a2, SPLIT_K)
-    if NUM_GATES > 3:
-        r3 = _parts_sum(a3, SPLIT_K)
-    return r0, r1, r2, r3
+    """Reduce split-K accumulators ``[SPLIT_K, M, N]`` to ``[M, N]`` (unused gates alias
+    gate 0); un-split ones are already that."""
+    if SPLIT_K == 1:
+        return a0, a1, a2, a3
+    else:
+        r0 = tl.sum(a0, axis=0)
+        r1 = r0
+        r2 = r0
+        r3 = r0
+        if NUM_GATES > 1:
+            r1 = tl.sum(a1, axis=0)
+        if NUM_GATES > 2:
+            r2 = tl.sum(a2, axis=0)
+        if NUM_GATES > 3:
+            r3 = tl.sum(a3, axis=0)
+        return r0, r1, r2, r3
 
 
 @triton.jit
@@ -246,11 +226,10 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
     a1 = a0
     a2 = a0
     a3 = a0
-    row = _m_rows(SRC + slot64 * B * K + r64 * K, SPLIT_K)
-    row_m = _m_rows(rows_ok, SPLIT_K)
+    row = SRC + slot64 * B * K + r64 * K
     for c in tl.static_range(NUM_RES):
-        offs_k = _k_cols(_k_split(c * KC, KC, SPLIT_K), SPLIT_K)
-        h = tl.load(row + offs_k, mask=row_m & (offs_k < K), other=0.0, cache_modifier=".cg")
+        hp, hm = _activation_tile(row, rows_ok, _k_split(c * KC, KC, SPLIT_K), K, SPLIT_K)
+        h = tl.load(hp, mask=hm, other=0.0, cache_modifier=".cg")
         a0 = _dot(h, w0[c], a0, DOT_PRECISION)
         if NUM_GATES > 1:
             a1 = _dot(h, w1[c], a1, DOT_PRECISION)
@@ -261,12 +240,12 @@ def _forward_preacts(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w
     if BLOCK_K > 0:
         for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
             offs_s = _k_split(k0, BLOCK_K, SPLIT_K)
-            s_mask = offs_s < K
-            hs = tl.load(row + _k_cols(offs_s, SPLIT_K), mask=row_m & _k_cols(s_mask, SPLIT_K),
-                         other=0.0, cache_modifier=".cg")
-            v0, v1, v2, v3 = _load_gate_tiles(_weight_ptrs(W, offs_s, offs_n, K, True, SPLIT_K),
-                                              _k_rows(s_mask, SPLIT_K) & _n_cols(n_mask, SPLIT_K),
-                                              GSTRIDE, NUM_GATES)
+            # (Names apart from the resident chunks': those tiles have another shape, and
+            # a name assigned inside this loop is loop-carried.)
+            sp, sm = _activation_tile(row, rows_ok, offs_s, K, SPLIT_K)
+            hs = tl.load(sp, mask=sm, other=0.0, cache_modifier=".cg")
+            wp, wm = _weight_tile(W, offs_s, K, offs_n, n_mask, K, True, SPLIT_K)
+            v0, v1, v2, v3 = _load_gate_tiles(wp, wm, GSTRIDE, NUM_GATES)
             a0 = _dot(hs, v0, a0, DOT_PRECISION)
             if NUM_GATES > 1:
                 a1 = _dot(hs, v1, a1, DOT_PRECISION)
@@ -292,12 +271,9 @@ def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B
         acc = tl.zeros([r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
     else:
         acc = tl.zeros([SPLIT_K, r64.shape[0], offs_n.shape[0]], dtype=tl.float32)
-    row = _m_rows(SRC + (slot64 * B + r64) * (NUM_GATES * K), SPLIT_K)
-    row_m = _m_rows(rows_ok, SPLIT_K)
+    row = SRC + (slot64 * B + r64) * (NUM_GATES * K)
     for c in tl.static_range(NUM_RES):
-        offs_k = _k_cols(_k_split(c * KC, KC, SPLIT_K), SPLIT_K)
-        m = row_m & (offs_k < K)
-        dg = row + offs_k
+        dg, m = _activation_tile(row, rows_ok, _k_split(c * KC, KC, SPLIT_K), K, SPLIT_K)
         # One gate at a time keeps a single gradient tile live.
         acc = _dot(tl.load(dg, mask=m, other=0.0, cache_modifier=".cg"), w0[c], acc,
                    DOT_PRECISION)
@@ -313,16 +289,17 @@ def _backward_dh(SRC, W, slot64, r64, rows_ok, offs_n, n_mask, w0, w1, w2, w3, B
     if BLOCK_K > 0:
         for k0 in range(NUM_RES * KC, NUM_KC * KC, BLOCK_K):
             offs_s = _k_split(k0, BLOCK_K, SPLIT_K)
-            s_mask = offs_s < K
-            ms = row_m & _k_cols(s_mask, SPLIT_K)
-            wp = _weight_ptrs(W, offs_s, offs_n, ROW, False, SPLIT_K)
-            wm = _k_rows(s_mask, SPLIT_K) & _n_cols(n_mask, SPLIT_K)
+            dgs, ms = _activation_tile(row, rows_ok, offs_s, K, SPLIT_K)
+            wp, wm = _weight_tile(W, offs_s, K, offs_n, n_mask, ROW, False, SPLIT_K)
             for g in tl.static_range(NUM_GATES):
-                acc = _dot(tl.load(row + g * K + _k_cols(offs_s, SPLIT_K), mask=ms, other=0.0,
+                acc = _dot(tl.load(dgs + g * K, mask=ms, other=0.0,
                                    cache_modifier=".cg"),
                            tl.load(wp + g * GSTRIDE, mask=wm, other=0.0), acc,
                            DOT_PRECISION)
-    return _parts_sum(acc, SPLIT_K)
+    if SPLIT_K == 1:
+        return acc
+    else:
+        return tl.sum(acc, axis=0)
 
 
 @triton.jit
