@@ -41,9 +41,10 @@ class KernelConfig:
       inputs) into, one per group of warps, summed once per step (split-K). A
       program's output tile (16 x 16) is one tensor-core tile, so without a split
       every warp would multiply all of K and extra warps would only repeat it.
-      0 (the default) takes as many parts as ``num_warps``, fewer when a part
-      would be under the tensor cores' minimum K of 16 inputs
-      (:func:`triton_rnn.kernels.launch.split_parts`); 1 does not split.
+      0 (the default) lets :func:`triton_rnn.kernels.launch.split_parts` choose:
+      the warps the output tile leaves idle with Triton 3.9 and later, none with
+      older ones and in the interpreter; 1 does not split. Any value is halved
+      while a part would be under the tensor cores' minimum K of 16 inputs.
     """
 
     block_h: int

@@ -108,10 +108,14 @@ MAX_AUTO_SPLIT_K = 4
 AUTO_SPLIT_K_MIN_TRITON = (3, 9)
 
 
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+
+
 def auto_split_k() -> bool:
     """Whether this Triton gets split-K by default (:data:`AUTO_SPLIT_K_MIN_TRITON`)."""
-    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
-    return version >= AUTO_SPLIT_K_MIN_TRITON
+    return _TRITON_VERSION >= AUTO_SPLIT_K_MIN_TRITON
+
+
 #: Up to this many weight bytes, one program holds all of W_hh (no barrier).
 SINGLE_PROGRAM_BUDGET = 64 * 1024
 
